@@ -232,7 +232,7 @@ class BatchLoader:
             picks = rng.integers(0, self.cum_starts[-1], size=self.B)
             shards = np.searchsorted(self.cum_starts, picks, side="right")
             offsets = picks - (self.cum_starts[shards] - self.window_starts[shards])
-            for row, (shard, offset) in enumerate(zip(shards, offsets)):
+            for row, (shard, offset) in enumerate(zip(shards, offsets, strict=True)):
                 self.reader.read(int(shard), offset, buf[row])
         else:
             span = np.empty(self.B * self.T + 1, dtype=np.uint16)
@@ -362,8 +362,10 @@ def parse_config(defaults, argv, positional=None):
 
 
 def script_defaults(namespace):
-    """The settings block of a script: its module-level int/float/bool/str names, in order."""
-    return {k: v for k, v in namespace.items() if not k.startswith("_") and type(v) in (int, float, bool, str)}
+    """The settings block of a script: its lower-case module-level int/float/bool/str names, in
+    order (upper-case names such as VOCAB_SIZE are constants, not settings)."""
+    return {k: v for k, v in namespace.items()
+            if not k.startswith("_") and k == k.lower() and type(v) in (int, float, bool, str)}
 
 
 # -----------------------------------------------------------------------------
@@ -459,7 +461,8 @@ def load_checkpoint(path, device="cpu"):
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        raise UserError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {first_line})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise UserError(f"{path}: not a checkpoint written by train_gpt.py or finetune_sft.py (no model/model_config)")
     return ckpt

@@ -1,0 +1,629 @@
+"""
+Pretrain a GPT on FineWeb-Edu token shards: one GPU, or several under torchrun.
+
+    python data/fineweb_edu.py                         # once: tokenize into data/fineweb_edu/
+    python train_gpt.py                                # GPT-2 124M with Muon + AdamW
+    python train_gpt.py configs/llama_124m.toml --max_iters=5000
+    python train_gpt.py configs/smoke.toml --device=cpu --compile=False   # seconds on a laptop
+    python train_gpt.py --out_dir=logs/run --init_from=resume             # continue exactly where it stopped
+    torchrun --standalone --nproc_per_node=8 train_gpt.py                 # DDP over 8 GPUs
+
+Settings: the block below, then configs/*.toml files, then --key=value, in that order.
+"""
+
+import contextlib
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data.common import (
+    VOCAB_SIZE,
+    BatchLoader,
+    RunLog,
+    UserError,
+    ValData,
+    autodetect_device,
+    get_tokenizer,
+    load_checkpoint,
+    lr_factor,
+    parse_config,
+    rng_states,
+    save_checkpoint,
+    script_defaults,
+    set_rng_states,
+)
+
+# ----------------------------------------------------------------------------- settings
+# model
+arch = "gpt2"  # "gpt2" (learned positions, LayerNorm, GELU, tied head) or "llama" (RoPE, RMSNorm, SwiGLU)
+n_layer = 12
+n_head = 12
+n_embd = 768
+block_size = 1024  # context length T
+qk_norm = False
+logit_softcap = 0.0  # 0 = off; e.g. 30 tames logit growth
+init_from = "scratch"  # "scratch", "resume" (out_dir/ckpt.pt) or "gpt2"/"gpt2-medium"/... via transformers
+# data
+data_dir = "data/fineweb_edu"  # train_*.bin and val_*.bin from data/fineweb_edu.py
+loader_mode = "random"  # "random" windows over all train tokens, or "sequential"
+batch_size = 32  # micro-batch, in sequences; 32 x 1024 fits a 40 GB GPU at 124M, 64 fits 80 GB
+total_batch_size = 524288  # tokens per optimizer step: 2**19 ~ 0.5M, GPT-3 small's batch
+val_tokens = 10485760  # fixed val set: 20 * 2**19 tokens, the same ones at every eval
+# optimizer
+optimizer = "muon"  # "muon": Muon for block matrices + AdamW for the rest; "adamw": AdamW for all
+learning_rate = 6e-4  # AdamW: every parameter (adamw), or embeddings, head, norms, biases (muon)
+weight_decay = 0.1  # AdamW, on matrices and embeddings only
+beta1 = 0.9
+beta2 = 0.95
+muon_lr = 0.02  # torch.optim.Muon, scaled per matrix by sqrt(max(1, rows/cols)) (Keller Jordan's rule)
+muon_momentum = 0.95
+muon_weight_decay = 0.0
+max_iters = 19073  # optimizer steps: 10B tokens / 2**19 = one pass over FineWeb-Edu sample-10BT
+warmup_iters = 700  # linear warmup steps
+lr_schedule = "cosine"  # "cosine" to min_lr_frac, or "wsd" (warmup-stable-decay, a trapezoid)
+lr_decay_iters = 0  # step where the schedule ends; 0 = max_iters (set it to resume into a longer run exactly)
+min_lr_frac = 0.1  # final learning rate as a fraction of the peak
+decay_frac = 0.2  # wsd: the last fraction of the run spent decaying
+grad_clip = 1.0  # clip the global gradient norm; 0 = off
+grad_clip_late = 0.5  # the clip value from grad_clip_late_step on (FGPT had to lower it mid-run)
+grad_clip_late_step = 0  # 0 = never switch
+# evaluation, logging, checkpoints
+out_dir = "logs/gpt2_124m"
+log_interval = 10  # steps between metrics.jsonl records
+eval_interval = 250  # steps between val loss measurements
+hellaswag_interval = 1000  # steps between HellaSwag scores (if hellaswag_file exists); 0 = off
+hellaswag_file = "data/hellaswag/hellaswag_val.jsonl"
+hellaswag_limit = 0  # score only the first N examples; 0 = all 10,042
+sample_interval = 1000  # steps between samples from sample_prompt; 0 = off
+sample_prompt = "Once upon a time"
+sample_tokens = 32
+checkpoint_interval = 1000  # steps between checkpoints (one is always written at the end)
+keep_last = 2  # also keep ckpt_STEP.pt for the last K checkpoints; 0 = only ckpt.pt
+wandb_log = False
+wandb_project = "gpt"
+wandb_run_name = ""
+# system
+device = "auto"  # "auto" (cuda > mps > cpu), "cuda", "cuda:1", "mps", "cpu"
+dtype = "auto"  # "auto" (bfloat16 autocast on CUDA, float32 elsewhere), "bfloat16" or "float32"
+compile = True  # torch.compile the model (CUDA only; pass --compile=False on Windows)
+seed = 1337
+peak_flops = 0.0  # the GPU's dense bf16 FLOP/s for MFU; 0 = look it up in PEAK_FLOPS below
+bench = False  # time bench_steps training steps on random tokens (no data, no checkpoints), then exit
+bench_steps = 20
+
+config = parse_config(script_defaults(globals()), sys.argv[1:])
+globals().update(config)
+
+PEAK_FLOPS = {  # dense bf16 tensor-core FLOP/s by GPU name; the first match wins
+    "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12,
+    "A6000": 155e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12,
+}
+
+# ----------------------------------------------------------------------------- model
+# The same text stands in train_gpt.py, finetune_sft.py, sample.py and eval_hellaswag.py
+# (tests/test_model_sync.py checks), so each stage script reads on its own.
+
+
+@dataclass
+class GPTConfig:
+    arch: str = "gpt2"  # "gpt2": learned positions, LayerNorm, GELU, tied head | "llama": RoPE, RMSNorm, SwiGLU
+    vocab_size: int = VOCAB_SIZE
+    block_size: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    qk_norm: bool = False  # RMS-normalise q and k per head before attention
+    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap)
+    rope_theta: float = 10000.0  # llama only
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, per layer, for one-token-per-forward decoding."""
+
+    def __init__(self, n_layer):
+        self.k, self.v = [None] * n_layer, [None] * n_layer
+        self.pos = 0  # tokens already in the cache
+
+    def update(self, layer, k, v, block_size):
+        if self.k[layer] is None:  # allocated on first use, in the dtype autocast gives k and v
+            B, H, _, D = k.shape
+            self.k[layer] = k.new_zeros(B, H, block_size, D)
+            self.v[layer] = v.new_zeros(B, H, block_size, D)
+        end = self.pos + k.size(2)
+        self.k[layer][:, :, self.pos : end] = k
+        self.v[layer][:, :, self.pos : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+def apply_rope(x, cos, sin):
+    """Rotate channel pairs (i, i + D/2) of x (B, T, H, D) by position-dependent angles, in fp32."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).type_as(x)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
+        bias = config.arch == "gpt2"
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=bias)  # q, k, v fused (HF GPT-2 layout)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=bias)
+        self.config, self.layer = config, layer
+
+    def forward(self, x, rope=None, cache=None):
+        B, T, C = x.shape
+        H = self.config.n_head
+        q, k, v = (t.view(B, T, H, C // H) for t in self.c_attn(x).split(C, dim=2))
+        if self.config.qk_norm:
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        if cache is not None:
+            # a prefill starts from an empty cache, so is_causal lines up; one new token sees every cached one
+            assert T == 1 or cache.pos == 0, "multi-token forwards need an empty cache"
+            k, v = cache.update(self.layer, k, v, self.config.block_size)
+        # no explicit mask: one would knock SDPA off the flash kernel
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        if config.arch == "gpt2":
+            self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+            self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        else:  # SwiGLU: 8/3 x wide keeps the parameters of a 4x GELU MLP; rounded up to a multiple of 64
+            hidden = 64 * math.ceil(8 * config.n_embd / 3 / 64)
+            self.c_fc = nn.Linear(config.n_embd, 2 * hidden, bias=False)  # gate and up, fused
+            self.c_proj = nn.Linear(hidden, config.n_embd, bias=False)
+        self.swiglu = config.arch == "llama"
+
+    def forward(self, x):
+        if self.swiglu:
+            gate, up = self.c_fc(x).chunk(2, dim=-1)
+            return self.c_proj(F.silu(gate) * up)
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2's "gelu_new"
+
+
+def make_norm(config):
+    return nn.LayerNorm(config.n_embd) if config.arch == "gpt2" else nn.RMSNorm(config.n_embd, eps=1e-6)
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        self.ln_1, self.attn = make_norm(config), CausalSelfAttention(config, layer)
+        self.ln_2, self.mlp = make_norm(config), MLP(config)
+
+    def forward(self, x, rope=None, cache=None):
+        x = x + self.attn(self.ln_1(x), rope, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """Parameter names follow HF GPT-2 (transformer.wte, transformer.h.N.attn.c_attn, ...)."""
+
+    def __init__(self, config):
+        super().__init__()
+        if config.arch not in ("gpt2", "llama"):
+            raise UserError(f"arch={config.arch!r}: use 'gpt2' or 'llama'")
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+            ln_f=make_norm(config),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.arch == "gpt2":
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+            self.transformer.wte.weight = self.lm_head.weight  # tied, as in GPT-2
+        else:
+            head_dim = config.n_embd // config.n_head
+            freqs = config.rope_theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+            angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), freqs)
+            self.register_buffer("rope_cos", angles.cos(), persistent=False)
+            self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # residual projections: GPT-2's 1/sqrt(2 * n_layer) scaling
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx, targets=None, cache=None):
+        """idx (B, T) token ids -> logits (B, T, vocab) and, given targets, the mean cross-entropy
+        over the targets that are not -1 (0 when none are, so an all-masked batch adds no NaN)."""
+        B, T = idx.shape
+        pos = cache.pos if cache is not None else 0
+        if pos + T > self.config.block_size:
+            raise ValueError(f"sequence of {pos + T} tokens is longer than block_size {self.config.block_size}")
+        x = self.transformer.wte(idx)
+        rope = None
+        if self.config.arch == "gpt2":
+            x = x + self.transformer.wpe(torch.arange(pos, pos + T, device=idx.device))
+        else:
+            rope = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]
+        for block in self.transformer.h:
+            x = block(x, rope, cache)
+        if cache is not None:
+            cache.pos += T
+        logits = self.lm_head(self.transformer.ln_f(x))
+        if self.config.logit_softcap > 0:
+            logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1,
+                               reduction="sum")
+        return logits, loss / (targets != -1).sum().clamp(min=1)
+
+    def flops_per_token(self):
+        """Training FLOPs per token, nanoGPT/PaLM style: 6N for the matmul weights plus 12*L*H*Q*T for attention."""
+        c = self.config
+        n = sum(p.numel() for p in self.parameters())
+        n -= self.transformer.wpe.weight.numel() if c.arch == "gpt2" else self.transformer.wte.weight.numel()
+        return 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
+
+    def configure_optimizers(self, optimizer, learning_rate, weight_decay, muon_lr, muon_momentum,
+                             muon_weight_decay, betas):
+        """optimizer="muon": torch.optim.Muon for the 2-D matrices inside the blocks, AdamW for the
+        embeddings, head, norms and biases. optimizer="adamw": AdamW for everything (the baseline).
+        Weight decay only ever touches matrices and embeddings, never gains or biases."""
+        fused = next(self.parameters()).device.type == "cuda"
+        params = dict(self.named_parameters())  # a tied head appears once, as transformer.wte.weight
+        hidden = [p for n, p in params.items() if n.startswith("transformer.h.") and p.dim() == 2]
+        others = [p for n, p in params.items() if not (n.startswith("transformer.h.") and p.dim() == 2)]
+        if optimizer == "adamw":
+            decay = [p for p in params.values() if p.dim() >= 2]
+            no_decay = [p for p in params.values() if p.dim() < 2]
+            groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+            return [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)]
+        if optimizer == "muon":
+            groups = [dict(params=[p for p in others if p.dim() >= 2], weight_decay=weight_decay),
+                      dict(params=[p for p in others if p.dim() < 2], weight_decay=0.0)]
+            return [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused),
+                    torch.optim.Muon(hidden, lr=muon_lr, momentum=muon_momentum, weight_decay=muon_weight_decay)]
+        raise UserError(f"optimizer={optimizer!r}: use 'muon' or 'adamw'")
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, use_cache=True, generator=None):
+        """Yield the next token (B, 1) max_new_tokens times after the prompt idx (B, T).
+
+        With the cache the prompt is prefilled once, then each forward takes one token. Past
+        block_size the model sees the last block_size tokens (as without the cache), so the
+        cache is rebuilt from that window: both paths give the same tokens."""
+        cache = None
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                logits, _ = self(idx[:, -self.config.block_size :])
+            elif cache is None or cache.pos == self.config.block_size:
+                cache = KVCache(self.config.n_layer)
+                logits, _ = self(idx[:, -self.config.block_size :], cache=cache)
+            else:
+                logits, _ = self(idx[:, -1:], cache=cache)
+            next_token = sample_logits(logits[:, -1, :], temperature, top_k, top_p, generator)
+            idx = torch.cat([idx, next_token], dim=1)
+            yield next_token
+
+    @classmethod
+    def from_checkpoint(cls, ckpt, source="checkpoint"):
+        """Rebuild a model from a checkpoint dict; a mismatch names what differs, not every key."""
+        fields = set(GPTConfig.__dataclass_fields__)
+        unknown = sorted(set(ckpt["model_config"]) - fields)
+        if unknown:
+            raise UserError(f"{source}: model_config has fields this script does not know: {unknown}")
+        model = cls(GPTConfig(**ckpt["model_config"]))
+        model.load_weights(ckpt["model"], source)
+        return model
+
+    def load_weights(self, state, source="checkpoint"):
+        state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()}
+        expected = self.state_dict()
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        shapes = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+                  if k in state and state[k].shape != v.shape]
+        if missing or unexpected or shapes:
+            def brief(items):
+                return ", ".join(items[:3]) + (f" (+{len(items) - 3} more)" if len(items) > 3 else "")
+            parts = [f"missing {brief(missing)}" if missing else "", f"unexpected {brief(unexpected)}" if unexpected
+                     else "", f"shape {brief(shapes)}" if shapes else ""]
+            c = self.config
+            raise UserError(f"{source}: weights do not fit arch={c.arch} n_layer={c.n_layer} n_embd={c.n_embd} "
+                            f"vocab_size={c.vocab_size}: " + "; ".join(p for p in parts if p))
+        self.load_state_dict(state)
+
+    @classmethod
+    def from_hf(cls, hf_model):
+        """Our arch="gpt2" model holding the weights of a transformers GPT2LMHeadModel (same logits)."""
+        hf = hf_model.config
+        config = GPTConfig(arch="gpt2", vocab_size=hf.vocab_size, block_size=hf.n_positions, n_layer=hf.n_layer,
+                           n_head=hf.n_head, n_embd=hf.n_embd)
+        model = cls(config)
+        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        state = {k: v.t() if k.endswith(conv1d) else v for k, v in hf_model.state_dict().items()
+                 if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # HF's Conv1D stores weights transposed
+        model.load_weights(state, "transformers GPT2LMHeadModel")
+        return model
+
+    @classmethod
+    def from_pretrained(cls, name):
+        """OpenAI's GPT-2 weights (gpt2, gpt2-medium, gpt2-large, gpt2-xl) through transformers; vocab stays 50,257."""
+        try:
+            from transformers import GPT2LMHeadModel
+        except ImportError:
+            raise UserError(f"init_from={name} needs transformers: pip install transformers") from None
+        try:
+            return cls.from_hf(GPT2LMHeadModel.from_pretrained(name))
+        except OSError as e:
+            raise UserError(f"could not load {name} weights ({str(e).splitlines()[0]}); they come from the HF Hub "
+                            "or its local cache") from None
+
+
+def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """Pick one token per row of logits (B, V): greedy at temperature 0, else sample from the
+    softmax restricted to the top_k tokens and to the smallest set whose probability reaches top_p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token already reaches top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(outside, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+# ----------------------------------------------------------------------------- end of model
+
+# ----------------------------------------------------------------------------- setup
+ddp = "RANK" in os.environ  # launched by torchrun
+device = autodetect_device() if device == "auto" else device
+if ddp:
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+else:
+    rank, world_size = 0, 1
+master = rank == 0
+device_type = torch.device(device).type
+if dtype == "auto":
+    dtype = "bfloat16" if device_type == "cuda" else "float32"
+if dtype not in ("bfloat16", "float32"):
+    raise UserError(f"--dtype={dtype}: use bfloat16 or float32")
+autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16"
+            else contextlib.nullcontext())
+torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and later
+torch.manual_seed(seed)  # every rank builds the same initial weights
+
+tokens_per_micro = batch_size * block_size * world_size
+if total_batch_size % tokens_per_micro:
+    raise UserError(f"total_batch_size={total_batch_size} must be a multiple of batch_size * block_size * "
+                    f"world_size = {batch_size} * {block_size} * {world_size} = {tokens_per_micro}")
+grad_accum = total_batch_size // tokens_per_micro
+
+ckpt = None
+if init_from == "resume":
+    ckpt = load_checkpoint(out_dir, device)
+    model = GPT.from_checkpoint(ckpt, f"{out_dir}/ckpt.pt")
+elif init_from == "scratch":
+    model = GPT(GPTConfig(arch=arch, vocab_size=VOCAB_SIZE, block_size=block_size, n_layer=n_layer, n_head=n_head,
+                          n_embd=n_embd, qk_norm=qk_norm, logit_softcap=logit_softcap))
+elif init_from.startswith("gpt2"):
+    model = GPT.from_pretrained(init_from)
+else:
+    raise UserError(f"init_from={init_from!r}: use scratch, resume or a GPT-2 name such as gpt2")
+if model.config.block_size < block_size:
+    raise UserError(f"block_size={block_size} is longer than the model's {model.config.block_size}")
+model.to(device)
+raw_model = model  # the uncompiled module: its state_dict has plain parameter names
+optimizers = model.configure_optimizers(optimizer, learning_rate, weight_decay, muon_lr, muon_momentum,
+                                        muon_weight_decay, (beta1, beta2))
+for opt in optimizers:
+    for group in opt.param_groups:
+        group["base_lr"] = group["lr"]
+if compile and device_type == "cuda":
+    model = torch.compile(model)
+compiled = model
+if ddp:
+    model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device_type == "cuda" else None)
+
+step, best_val_loss = 0, float("inf")
+if ckpt is not None:
+    if ckpt["config"]["optimizer"] != optimizer:
+        raise UserError(f"{out_dir}/ckpt.pt was trained with optimizer={ckpt['config']['optimizer']}; "
+                        f"resume with --optimizer={ckpt['config']['optimizer']}")
+    for opt, state in zip(optimizers, ckpt["optimizers"], strict=True):
+        opt.load_state_dict(state)
+    step, best_val_loss = ckpt["step"], ckpt["best_val_loss"]
+    set_rng_states(ckpt["rng"])
+
+log = RunLog(out_dir, __file__, config, resume_step=step if ckpt is not None else None, enabled=master and not bench)
+flops_per_token = raw_model.flops_per_token()
+if peak_flops == 0 and device_type == "cuda":
+    name = torch.cuda.get_device_name(device)
+    peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in name), 0.0)
+n_params = sum(p.numel() for p in raw_model.parameters())
+log.print(f"model: {n_params / 1e6:.1f}M parameters, {flops_per_token / 1e6:.0f} MFLOPs/token | device {device} "
+          f"{dtype} | {world_size} rank(s) x {grad_accum} micro-steps x {batch_size} x {block_size} tokens "
+          f"= {total_batch_size:,} tokens/step")
+
+
+def mfu(tokens_per_sec):
+    """Model FLOPs utilisation: achieved training FLOP/s over the GPU's peak (0 where the peak is unknown)."""
+    return flops_per_token * tokens_per_sec / (peak_flops * world_size) if peak_flops else 0.0
+
+
+def train_step(batches):
+    """One optimizer step over grad_accum micro-batches: returns (mean loss, grad norm before clipping)."""
+    for step_opt in optimizers:
+        step_opt.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=device)
+    for micro, (x, y) in enumerate(batches):
+        # DDP: all-reduce gradients only after the last micro-step
+        sync = not ddp or micro == grad_accum - 1
+        with model.no_sync() if not sync else contextlib.nullcontext(), autocast:
+            _, loss = model(x, y)
+        (loss / grad_accum).backward()  # the mean over micro-batches equals one big batch's loss
+        loss_sum += loss.detach()
+    if ddp:
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+    clip = grad_clip_late if grad_clip_late_step and step >= grad_clip_late_step else grad_clip
+    norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), clip if clip > 0 else float("inf"))
+    factor = lr_factor(step, lr_decay_iters or max_iters, warmup_iters, lr_schedule, min_lr_frac, decay_frac)
+    for step_opt in optimizers:
+        for group in step_opt.param_groups:
+            group["lr"] = group["base_lr"] * factor
+    for step_opt in optimizers:
+        step_opt.step()
+    return loss_sum / grad_accum, norm, factor
+
+
+if bench:  # training steps on fixed random tokens: the model and optimizer alone, no data I/O
+    x = torch.randint(0, VOCAB_SIZE, (batch_size, block_size), device=device)
+    times = []
+    for i in range(bench_steps + 3):
+        t0 = time.perf_counter()
+        train_step([(x, x)] * grad_accum)
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 3:  # the first steps compile and warm up
+            times.append(time.perf_counter() - t0)
+    dt = sorted(times)[len(times) // 2]
+    tps = total_batch_size / dt
+    if master:
+        print(f"bench: {arch} {n_params / 1e6:.1f}M T={block_size} {dtype} compile={compile} on {device}: "
+              f"median step {dt * 1000:.1f} ms, {tps:,.0f} tokens/s, MFU {mfu(tps):.1%}")
+    sys.exit(0)
+
+loader = BatchLoader(data_dir, "train", batch_size, block_size, seed=seed, rank=rank, world_size=world_size,
+                     mode=loader_mode, device=device)
+val_data = ValData(data_dir, batch_size, block_size, val_tokens, rank=rank, world_size=world_size, device=device)
+if ckpt is not None:
+    loader.load_state_dict(ckpt["loader"])
+    log.print(f"resumed from {out_dir}/ckpt.pt at step {step}")
+del ckpt
+log.print(f"data: {data_dir}, {int(loader.reader.starts[-1]):,} train tokens in {len(loader.reader.files)} shards, "
+          f"{val_data.tokens:,} val tokens")
+hellaswag = None
+if hellaswag_interval > 0 and os.path.exists(hellaswag_file):
+    from eval_hellaswag import hellaswag_score, load_hellaswag
+
+    hellaswag = load_hellaswag(hellaswag_file, limit=hellaswag_limit)
+wandb = None
+if wandb_log and master:
+    import wandb
+
+    wandb.init(project=wandb_project, name=wandb_run_name or None, config=config)
+
+
+@torch.no_grad()
+def evaluate():
+    """Mean loss over the fixed val set (all ranks together)."""
+    model.eval()
+    total = torch.zeros(2, device=device)
+    for x, y in val_data:
+        with autocast:
+            _, loss = compiled(x, y)
+        total += torch.stack([loss.float() * y.numel(), torch.tensor(float(y.numel()), device=device)])
+    if ddp:
+        dist.all_reduce(total)
+    model.train()
+    return (total[0] / total[1]).item()
+
+
+def write_checkpoint():
+    if master:
+        save_checkpoint({
+            "model": raw_model.state_dict(), "model_config": asdict(raw_model.config), "chat": False,
+            "optimizers": [opt.state_dict() for opt in optimizers], "config": config, "step": step,
+            "best_val_loss": best_val_loss, "rng": rng_states(), "loader": loader.state_dict(),
+        }, out_dir, step, keep_last)
+        log.print(f"step {step}: checkpoint written to {out_dir}/ckpt.pt")
+
+
+stop_signal = []  # SIGINT/SIGTERM: finish the current step, checkpoint, exit cleanly
+for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+
+# ----------------------------------------------------------------------------- training loop
+tokens_since, time_since = 0, time.perf_counter()
+while True:
+    last = step >= max_iters
+    record = {}
+    if step % eval_interval == 0 or last:
+        record["val_loss"] = evaluate()
+        best_val_loss = min(best_val_loss, record["val_loss"])
+    if hellaswag is not None and step > 0 and (step % hellaswag_interval == 0 or last):
+        with autocast:
+            record["hellaswag"] = hellaswag_score(raw_model, hellaswag, device, rank=rank,
+                                                  world_size=world_size)["acc_norm"]
+    if master and sample_interval > 0 and step > 0 and (step % sample_interval == 0 or last):
+        enc = get_tokenizer()
+        prompt = torch.tensor([enc.encode_ordinary(sample_prompt)], device=device)
+        with autocast:
+            out = [t.item() for t in raw_model.generate(prompt, sample_tokens, temperature=0.8, top_k=200)]
+        log.print(f"step {step} sample: {sample_prompt}{enc.decode(out)!r}")
+    if record:
+        log.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items()))
+        log.metrics({"step": step, **record})
+        if wandb:
+            wandb.log(record, step=step)
+    if last:
+        break
+    if step > 0 and step % checkpoint_interval == 0:
+        write_checkpoint()
+
+    batches = (loader.next_batch() for _ in range(grad_accum))
+    loss, norm, factor = train_step(batches)
+    step += 1
+    tokens_since += total_batch_size
+    loss_value, norm_value = loss.item(), norm.item()  # one sync per step: catches a NaN before it is saved
+    if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+        log.print(f"step {step}: loss {loss_value}, grad norm {norm_value}: stopping; the last good checkpoint "
+                  f"is {out_dir}/ckpt.pt (try a lower learning rate or grad_clip)")
+        sys.exit(1)
+    if step % log_interval == 0 or step == max_iters:
+        dt = time.perf_counter() - time_since
+        tps = tokens_since / dt
+        param_norm = torch.sqrt(sum(p.detach().float().square().sum() for p in raw_model.parameters())).item()
+        rec = {"step": step, "loss": loss_value, "lr": learning_rate * factor, "grad_norm": norm_value,
+               "param_norm": param_norm, "tokens_per_sec": tps, "mfu": mfu(tps)}
+        log.print(f"step {step}/{max_iters}: loss {loss_value:.4f}, lr {rec['lr']:.2e}, grad norm {norm_value:.3f}, "
+                  f"param norm {param_norm:.1f}, {tps:,.0f} tok/s, MFU {rec['mfu']:.1%}")
+        log.metrics(rec)
+        if wandb:
+            wandb.log(rec, step=step)
+        tokens_since, time_since = 0, time.perf_counter()
+    stop = bool(stop_signal)
+    if ddp:  # every rank stops at the same step, or the others would wait forever in all_reduce
+        flag = torch.tensor(float(stop), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop = bool(flag.item())
+    if stop:
+        log.print(f"step {step}: interrupted by signal")
+        break
+
+write_checkpoint()
+if ddp:
+    dist.destroy_process_group()
