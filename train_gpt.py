@@ -439,9 +439,7 @@ model.to(device)
 raw_model = model  # the uncompiled module: its state_dict has plain parameter names
 optimizers = model.configure_optimizers(optimizer, learning_rate, weight_decay, muon_lr, muon_momentum,
                                         muon_weight_decay, (beta1, beta2))
-for opt in optimizers:
-    for group in opt.param_groups:
-        group["base_lr"] = group["lr"]
+base_lrs = [[group["lr"] for group in opt.param_groups] for opt in optimizers]  # kept from this run's settings
 if compile and device_type == "cuda":
     model = torch.compile(model)
 compiled = model
@@ -491,9 +489,9 @@ def train_step(batches):
     clip = grad_clip_late if grad_clip_late_step and step >= grad_clip_late_step else grad_clip
     norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), clip if clip > 0 else float("inf"))
     factor = lr_factor(step, lr_decay_iters or max_iters, warmup_iters, lr_schedule, min_lr_frac, decay_frac)
-    for step_opt in optimizers:
-        for group in step_opt.param_groups:
-            group["lr"] = group["base_lr"] * factor
+    for step_opt, lrs in zip(optimizers, base_lrs, strict=True):
+        for group, lr in zip(step_opt.param_groups, lrs, strict=True):
+            group["lr"] = lr * factor
     for step_opt in optimizers:
         step_opt.step()
     return loss_sum / grad_accum, norm, factor
