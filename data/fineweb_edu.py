@@ -1,0 +1,372 @@
+"""
+Tokenize FineWeb-Edu (or local text files) into the .bin token shards that the
+training loaders read (see data/common.py for the format).
+
+    python data/fineweb_edu.py                                  # stream HF sample-10BT
+    python data/fineweb_edu.py --max_tokens 1e9                 # the first ~1B tokens of it
+    python data/fineweb_edu.py --source 'corpus/*.jsonl' --out_dir data/mine
+
+Sources. By default the HuggingFaceFW/fineweb-edu `sample-10BT` train split is
+streamed from the Hub with `datasets`. `--source PATH_OR_GLOB` (repeatable, or
+comma separated) reads local files instead, all of them in sorted path order:
+  .jsonl    one JSON object per line; the document is its string `text` field.
+            Lines that are not valid JSON, not an object, or have no string
+            `text` are counted as malformed and skipped (the first few are named).
+            Blank lines are not documents.
+  .parquet  a `text` column; a null entry counts as malformed.
+  .txt      one document per non-empty line (like HF's `text` loader, minus its
+            empty rows); invalid UTF-8 becomes U+FFFD.
+Documents that are empty or only whitespace are skipped and counted.
+
+Output. Every document is tokenized with the GPT-2 BPE and gets <|endoftext|>
+prepended. It goes to val iff a hash of (seed, its text) falls below
+--val_fraction (until val holds --val_tokens, if set), else to train. The rule
+depends only on the text, so duplicates share a split, and a document is never
+cut across splits. Each split is written as shards of exactly --shard_size
+tokens (the last one partial): train_000000.bin, ..., val_000000.bin, ...
+Shards are written atomically and shards of an earlier run that this run did
+not overwrite are deleted, so an interrupted or changed run is fixed by
+running it again. The same inputs and arguments give byte-identical shards,
+whatever --num_proc is.
+"""
+
+import argparse
+import glob
+import hashlib
+import json
+import os
+import sys
+from itertools import chain, islice
+from multiprocessing import Pool
+from pathlib import Path
+from typing import NamedTuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from data.common import EOT, UserError, get_tokenizer, write_shard  # noqa: E402
+
+HF_DATASET, HF_CONFIG = "HuggingFaceFW/fineweb-edu", "sample-10BT"
+SUFFIXES = (".jsonl", ".parquet", ".txt")
+MALFORMED_SHOWN = 5  # how many malformed records the summary names
+
+
+class Malformed(NamedTuple):
+    """A record that held no usable text; it travels with the documents so it is counted in order."""
+
+    where: str  # "file:line" or "file:row N"
+    why: str
+
+
+# -----------------------------------------------------------------------------
+# reading documents
+
+
+def resolve_sources(specs):
+    """--source values (paths or globs, possibly comma separated) -> sorted list of files."""
+    files = set()
+    for spec in specs:
+        for pattern in filter(None, (p.strip() for p in spec.split(","))):
+            if glob.has_magic(pattern):
+                matches = [Path(p) for p in glob.glob(pattern, recursive=True)]
+                if not matches:
+                    raise UserError(f"--source {pattern!r} matches no files")
+            else:
+                matches = [Path(pattern)]
+                if not matches[0].is_file():
+                    raise UserError(f"--source {pattern}: no such file")
+            for path in matches:
+                if path.suffix not in SUFFIXES:
+                    raise UserError(f"--source {path}: unsupported file type; use {', '.join(SUFFIXES)} files")
+                files.add(path)
+    if not files:
+        raise UserError("--source names no files")
+    return sorted(files)
+
+
+def read_jsonl(path):
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError):  # bad JSON or bad UTF-8
+                yield Malformed(f"{path}:{lineno}", "not valid JSON")
+                continue
+            if not isinstance(record, dict):
+                yield Malformed(f"{path}:{lineno}", "not a JSON object")
+            elif not isinstance(record.get("text"), str):
+                yield Malformed(f"{path}:{lineno}", "no string 'text' field")
+            else:
+                yield record["text"]
+
+
+def read_parquet(path):
+    import pyarrow.parquet as pq
+
+    row = 0
+    for batch in pq.ParquetFile(path).iter_batches(columns=["text"], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            yield text if isinstance(text, str) else Malformed(f"{path}:row {row}", "text is not a string")
+            row += 1
+
+
+def read_txt(path):
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.strip():
+                yield line.rstrip("\n")
+
+
+# The pool's feeder thread iterates the documents, and a UserError (a SystemExit) raised
+# there would end that thread silently and hang the run, so every check that can fail
+# with one happens up front in open_files / open_hub, in the main thread.
+
+
+def open_files(files):
+    for path in files:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            columns = pq.read_schema(path).names
+            if "text" not in columns:
+                raise UserError(f"{path}: no 'text' column (columns: {', '.join(columns)})")
+    readers = {".jsonl": read_jsonl, ".parquet": read_parquet, ".txt": read_txt}
+    return (doc for path in files for doc in readers[path.suffix](path))
+
+
+def open_hub():
+    try:
+        import datasets
+
+        stream = iter(datasets.load_dataset(HF_DATASET, name=HF_CONFIG, split="train", streaming=True))
+        first = next(stream)
+    except Exception as e:
+        reason = " ".join(str(e).split())[:200]
+        raise UserError(
+            f"cannot stream {HF_DATASET} {HF_CONFIG} from the Hugging Face Hub ({type(e).__name__}: {reason}); "
+            f"to use local files pass --source PATH_OR_GLOB (.jsonl, .parquet or .txt)"
+        ) from None
+    return (row["text"] for row in chain([first], stream))
+
+
+# -----------------------------------------------------------------------------
+# tokenizing (in worker processes)
+
+
+def split_hash(text, seed):
+    """A uniform number in [0, 1) fixed by (seed, text): below val_fraction means val."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(f"{seed}\0".encode())
+    h.update(text.encode("utf-8", "surrogatepass"))  # JSON can carry lone surrogates
+    return int.from_bytes(h.digest(), "little") / 2**64
+
+
+def tokenize_chunk(chunk, seed):
+    """Documents -> per document: (split hash, uint16 tokens with EOT first), None if empty, or the Malformed."""
+    texts = [d for d in chunk if isinstance(d, str) and d.strip()]
+    # one thread: the parallelism is the worker processes
+    encoded = iter(get_tokenizer().encode_ordinary_batch(texts, num_threads=1))
+    out = []
+    for doc in chunk:
+        if isinstance(doc, Malformed):
+            out.append(doc)
+        elif not doc.strip():
+            out.append(None)
+        else:
+            ids = next(encoded)
+            tokens = np.empty(len(ids) + 1, dtype=np.uint16)
+            tokens[0] = EOT
+            tokens[1:] = ids
+            out.append((split_hash(doc, seed), tokens))
+    return out
+
+
+class ChunkTokenizer:
+    """tokenize_chunk with the seed bound, picklable for the pool."""
+
+    def __init__(self, seed):
+        self.seed = seed
+
+    def __call__(self, chunk):
+        return tokenize_chunk(chunk, self.seed)
+
+
+def chunked(docs, n):
+    docs = iter(docs)
+    return iter(lambda: list(islice(docs, n)), [])
+
+
+# -----------------------------------------------------------------------------
+# writing shards
+
+
+class ShardWriter:
+    """Packs one split's documents into shards of exactly shard_size tokens."""
+
+    def __init__(self, out_dir, split, shard_size):
+        self.out_dir, self.split = out_dir, split
+        self.buf = np.empty(shard_size, dtype=np.uint16)  # untouched pages cost no memory
+        self.fill = 0
+        self.docs = self.tokens = 0
+        self.written = []
+
+    def add(self, tokens):
+        self.docs += 1
+        self.tokens += len(tokens)
+        while len(tokens):
+            n = min(len(tokens), len(self.buf) - self.fill)
+            self.buf[self.fill : self.fill + n] = tokens[:n]
+            self.fill += n
+            tokens = tokens[n:]
+            if self.fill == len(self.buf):
+                self.flush()
+
+    def flush(self):
+        if self.fill:
+            path = self.out_dir / f"{self.split}_{len(self.written):06d}.bin"
+            write_shard(path, self.buf[: self.fill])
+            self.written.append(path)
+            self.fill = 0
+
+
+def remove_stale(out_dir, split, written):
+    """Delete this split's shards (and temp files) that this run did not write: the loader globs them all."""
+    keep = {p.name for p in written}
+    stale = [p for p in sorted(out_dir.glob(f"{split}_*.bin")) if p.name not in keep]
+    stale += sorted(out_dir.glob(f"{split}_*.bin.tmp"))  # left by a crash inside write_shard
+    for p in stale:
+        p.unlink()
+    return [p.name for p in stale]
+
+
+# -----------------------------------------------------------------------------
+
+
+def count(text):
+    """A whole number that may be written 100_000_000 or 1e8."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    return int(value)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser.add_argument("--source", action="append", default=[],
+                        help=f"local .jsonl/.parquet/.txt files or globs (repeat or comma separate); "
+                             f"default: stream {HF_DATASET} {HF_CONFIG}")
+    parser.add_argument("--out_dir", default="data/fineweb_edu", help="where the shards go")
+    parser.add_argument("--shard_size", type=count, default=100_000_000, help="tokens per shard")
+    parser.add_argument("--max_tokens", type=count, default=0,
+                        help="stop after the document that brings the total to this many tokens (0: no limit)")
+    parser.add_argument("--val_fraction", type=float, default=0.01, help="fraction of documents that go to val")
+    parser.add_argument("--val_tokens", type=count, default=0,
+                        help="once val holds this many tokens, all later documents go to train (0: no cap)")
+    parser.add_argument("--seed", type=int, default=1337, help="seeds the train/val split")
+    parser.add_argument("--num_proc", type=int, default=os.cpu_count(), help="tokenizer processes")
+    # small enough that a corpus of a few hundred documents still spreads over the workers
+    parser.add_argument("--chunk_docs", type=int, default=64, help="documents per worker task")
+    args = parser.parse_args(argv)
+    if not 0 < args.shard_size < 2**31:
+        raise UserError(f"--shard_size {args.shard_size}: must be in 1 .. 2**31-1 (a shard's count is an int32)")
+    if not 0 <= args.val_fraction <= 1:
+        raise UserError(f"--val_fraction {args.val_fraction}: must be between 0 and 1")
+    for name in ("max_tokens", "val_tokens"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} {getattr(args, name)}: must be >= 0 (0 means no limit)")
+    for name in ("num_proc", "chunk_docs"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} {getattr(args, name)}: must be >= 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    docs = open_files(resolve_sources(args.source)) if args.source else open_hub()
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    get_tokenizer()  # fail here, not in a worker, if the BPE files cannot be loaded; forked workers inherit it
+    writers = {split: ShardWriter(out_dir, split, args.shard_size) for split in ("train", "val")}
+    empty = total = 0
+    malformed = []
+    stopped = False
+    tokenize = ChunkTokenizer(args.seed)
+    pool = Pool(args.num_proc) if args.num_proc > 1 else None
+    try:
+        # imap keeps document order, and reads ahead only as far as the task pipe holds, so memory stays bounded
+        results = (pool.imap if pool else map)(tokenize, chunked(docs, args.chunk_docs))
+        with tqdm(total=args.max_tokens or None, unit="tok", unit_scale=True, desc="tokenizing") as bar:
+            for result in results:
+                for doc in result:
+                    if doc is None:
+                        empty += 1
+                    elif isinstance(doc, Malformed):
+                        malformed.append(doc)
+                    else:
+                        u, tokens = doc
+                        val = writers["val"]
+                        to_val = u < args.val_fraction and (not args.val_tokens or val.tokens < args.val_tokens)
+                        (val if to_val else writers["train"]).add(tokens)
+                        total += len(tokens)
+                        bar.update(len(tokens))
+                        if args.max_tokens and total >= args.max_tokens:
+                            stopped = True
+                            break
+                if stopped:
+                    break
+    finally:
+        if pool:
+            pool.terminate()  # also stops workers still busy with read-ahead past --max_tokens
+
+    train, val = writers["train"], writers["val"]
+    docs_read = train.docs + val.docs + empty + len(malformed)
+    if total == 0:
+        raise UserError(
+            f"no text to tokenize: {docs_read} documents read, {empty} empty, {len(malformed)} malformed"
+            + (f" (e.g. {malformed[0].where}: {malformed[0].why})" if malformed else "")
+        )
+    for w in writers.values():
+        w.flush()
+    summary = {
+        "out_dir": str(out_dir),
+        "docs_read": docs_read,
+        "train_docs": train.docs,
+        "val_docs": val.docs,
+        "empty_skipped": empty,
+        "malformed": len(malformed),
+        "malformed_examples": [f"{m.where}: {m.why}" for m in malformed[:MALFORMED_SHOWN]],
+        "train_tokens": train.tokens,
+        "val_tokens": val.tokens,
+        "train_shards": len(train.written),
+        "val_shards": len(val.written),
+        "stopped_at_max_tokens": stopped,
+        "stale_removed": [name for split, w in writers.items() for name in remove_stale(out_dir, split, w.written)],
+    }
+    print_summary(summary)
+    return summary
+
+
+def print_summary(s):
+    print(f"read {s['docs_read']:,} documents: {s['train_docs']:,} train, {s['val_docs']:,} val, "
+          f"{s['empty_skipped']:,} empty (skipped), {s['malformed']:,} malformed (skipped)"
+          + (" -- stopped at --max_tokens" if s["stopped_at_max_tokens"] else ""))
+    for m in s["malformed_examples"]:
+        print(f"  malformed: {m}")
+    for split in ("train", "val"):
+        n = s[split + "_shards"]
+        print(f"{split}: {s[split + '_tokens']:,} tokens in {n} shard{'s' * (n != 1)} in {s['out_dir']}")
+        if not s[split + "_shards"]:
+            print(f"warning: no {split} documents, so no {split} shards; the training script needs both splits")
+    if s["stale_removed"]:
+        print(f"removed {len(s['stale_removed'])} stale shard files of an earlier run: {', '.join(s['stale_removed'])}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""data/fineweb_edu.py: the prep CLI on the real FineWeb-Edu head and on generated inputs."""
+
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
+sys.path.insert(0, str(REPO))
+
+from data.common import EOT, get_tokenizer, list_shards, read_header, read_shard  # noqa: E402
+from data.fineweb_edu import main  # noqa: E402
+
+REAL = SHARED / "data" / "fineweb_edu" / "fineweb_edu_sample10BT_head150.jsonl"
+
+
+def prep(source, out_dir, *args):
+    return main(["--source", str(source), "--out_dir", str(out_dir), *map(str, args)])
+
+
+def tokenized(texts):
+    """What the prep should write for each text: EOT then its ordinary tokens."""
+    enc = get_tokenizer()
+    return [(EOT, *enc.encode_ordinary(t)) for t in texts]
+
+
+def shard_docs(out_dir, split):
+    """The documents of a split, in order, recovered by cutting its token stream before every EOT."""
+    files = sorted(Path(out_dir).glob(f"{split}_*.bin"))
+    if not files:
+        return []
+    stream = np.concatenate([read_shard(f) for f in files])
+    starts = np.flatnonzero(stream == EOT)
+    assert starts[0] == 0, "a split must start with a document's EOT"
+    return [tuple(d.tolist()) for d in np.split(stream, starts[1:])]
+
+
+def real_texts():
+    return [json.loads(line)["text"] for line in REAL.read_text().splitlines()]
+
+
+def file_bytes(out_dir):
+    return {p.name: p.read_bytes() for p in sorted(Path(out_dir).glob("*.bin"))}
+
+
+@pytest.fixture(scope="module")
+def real_prep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("real")
+    summary = prep(REAL, out, "--val_fraction", 0.2, "--shard_size", 8000, "--num_proc", 2, "--chunk_docs", 16)
+    return out, summary
+
+
+def test_real_corpus_shards_and_accounting(real_prep):
+    out, s = real_prep
+    assert s["docs_read"] == 150 == s["train_docs"] + s["val_docs"] + s["empty_skipped"] + s["malformed"]
+    assert s["empty_skipped"] == s["malformed"] == 0
+    assert 0 < s["val_docs"] < 60  # ~20% of 150
+    for split in ("train", "val"):
+        files = list_shards(out, split)
+        sizes = [read_header(f) for f in files]
+        assert len(files) == s[f"{split}_shards"] and sum(sizes) == s[f"{split}_tokens"]
+        assert all(n == 8000 for n in sizes[:-1]) and 0 < sizes[-1] <= 8000
+    assert s["train_shards"] > 1
+
+    train, val = shard_docs(out, "train"), shard_docs(out, "val")
+    assert (len(train), len(val)) == (s["train_docs"], s["val_docs"])
+    assert not set(train) & set(val)
+    expected = tokenized(real_texts())
+    assert sorted(train + val) == sorted(expected)
+    # each split keeps the input order
+    assert train == [d for d in expected if d in set(train)]
+    assert val == [d for d in expected if d in set(val)]
+
+
+def test_deterministic_across_num_proc_and_chunking(real_prep, tmp_path):
+    out, _ = real_prep
+    reference = file_bytes(out)
+    for num_proc, chunk_docs in ((1, 7), (2, 512)):
+        again = tmp_path / f"np{num_proc}"
+        prep(REAL, again, "--val_fraction", 0.2, "--shard_size", 8000, "--num_proc", num_proc,
+             "--chunk_docs", chunk_docs)
+        assert file_bytes(again) == reference
+    reseeded = prep(REAL, tmp_path / "seed", "--val_fraction", 0.2, "--shard_size", 8000, "--seed", 1,
+                    "--num_proc", 1)
+    assert shard_docs(tmp_path / "seed", "val") != shard_docs(out, "val") and reseeded["docs_read"] == 150
+
+
+def test_generated_docs_empty_duplicate_malformed(tmp_path):
+    distinct = [f"document {i}: " + "lorem ipsum " * (i % 7 + 1) for i in range(40)]
+    lines = [json.dumps({"text": d}).encode() for _ in range(3) for d in distinct]
+    lines += [
+        json.dumps({"text": ""}).encode(),
+        json.dumps({"text": "  \n\t "}).encode(),
+        b"",  # blank line: not a document
+        b"not json {",
+        b"[1, 2, 3]",
+        json.dumps({"title": "no text"}).encode(),
+        json.dumps({"text": 5}).encode(),
+        b'{"text": "bad utf-8 \xff\xfe"}',
+        b'{"text": "a lone surrogate \\ud800 survives"}',
+    ]
+    src = tmp_path / "gen.jsonl"
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    bad_lines = [124, 125, 126, 127, 128]
+
+    s = prep(src, tmp_path / "out", "--val_fraction", 0.5, "--shard_size", 50, "--num_proc", 2, "--chunk_docs", 5)
+    assert (s["malformed"], s["empty_skipped"]) == (5, 2)
+    assert s["train_docs"] + s["val_docs"] == 121
+    assert s["docs_read"] == 128 == s["train_docs"] + s["val_docs"] + s["empty_skipped"] + s["malformed"]
+    assert [int(m.split(":")[1]) for m in s["malformed_examples"]] == bad_lines
+
+    train, val = shard_docs(tmp_path / "out", "train"), shard_docs(tmp_path / "out", "val")
+    assert train and val
+    for doc in tokenized(distinct):  # all three copies land in one split
+        assert sorted((train.count(doc), val.count(doc))) == [0, 3]
+    enc = get_tokenizer()
+    assert any(enc.decode(list(d[1:])).startswith("a lone surrogate") for d in train + val)
+
+
+def test_val_tokens_cap(tmp_path):
+    free = prep(REAL, tmp_path / "free", "--val_fraction", 0.5, "--num_proc", 1)
+    capped = prep(REAL, tmp_path / "capped", "--val_fraction", 0.5, "--val_tokens", 5000, "--num_proc", 1)
+    val = shard_docs(tmp_path / "capped", "val")
+    assert free["val_tokens"] > 5000
+    assert capped["val_tokens"] >= 5000 > capped["val_tokens"] - len(val[-1])
+    assert val == shard_docs(tmp_path / "free", "val")[: len(val)]  # the first val docs, then only train
+    assert capped["train_docs"] + capped["val_docs"] == 150
+    assert capped["train_tokens"] + capped["val_tokens"] == free["train_tokens"] + free["val_tokens"]
+
+
+def test_max_tokens_stops_after_whole_document(tmp_path):
+    s = prep(REAL, tmp_path, "--max_tokens", 20_000, "--val_fraction", 0.2, "--num_proc", 2, "--chunk_docs", 4)
+    expected = tokenized(real_texts())[: s["docs_read"]]
+    written = s["train_tokens"] + s["val_tokens"]
+    assert s["stopped_at_max_tokens"] and s["docs_read"] < 150
+    assert written == sum(map(len, expected)) and written >= 20_000 > written - len(expected[-1])
+    assert sorted(shard_docs(tmp_path, "train") + shard_docs(tmp_path, "val")) == sorted(expected)
+
+
+def test_txt_sources_one_doc_per_line_in_sorted_order(tmp_path):
+    (tmp_path / "b.txt").write_text("bee one\n\nbee two\n   \n")
+    (tmp_path / "a.txt").write_text("ay one\nay two")
+    (tmp_path / "c.txt").write_text("see one\n")
+    sources = ["--source", f"{tmp_path / 'c.txt'},{tmp_path / 'b.txt'}", "--source", str(tmp_path / "a.txt")]
+    s = main([*sources, "--out_dir", str(tmp_path / "out"), "--val_fraction", 0])
+    assert (s["docs_read"], s["empty_skipped"], s["val_shards"]) == (5, 0, 0)
+    expected = tokenized(["ay one", "ay two", "bee one", "bee two", "see one"])
+    assert shard_docs(tmp_path / "out", "train") == expected
+
+
+def test_parquet_source(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = ["alpha beta", None, "", "gamma delta"]
+    pq.write_table(pa.table({"id": [1, 2, 3, 4], "text": texts}), tmp_path / "docs.parquet")
+    s = prep(tmp_path / "docs.parquet", tmp_path / "out", "--val_fraction", 0, "--num_proc", 1)
+    assert (s["docs_read"], s["train_docs"], s["malformed"], s["empty_skipped"]) == (4, 2, 1, 1)
+    assert "row 1" in s["malformed_examples"][0]
+    assert shard_docs(tmp_path / "out", "train") == tokenized(["alpha beta", "gamma delta"])
+
+    pq.write_table(pa.table({"content": ["x"]}), tmp_path / "notext.parquet")
+    with pytest.raises(SystemExit, match="notext.parquet: no 'text' column"):
+        prep(tmp_path / "notext.parquet", tmp_path / "out2", "--num_proc", 2)
+
+
+def test_source_errors(tmp_path, monkeypatch):
+    pattern = str(tmp_path / "nothing_*.jsonl")
+    with pytest.raises(SystemExit, match="matches no files") as e:
+        prep(pattern, tmp_path / "out")
+    assert pattern in str(e.value)
+    with pytest.raises(SystemExit, match="no such file"):
+        prep(tmp_path / "missing.jsonl", tmp_path / "out")
+    (tmp_path / "nothing.jsonl").write_text('{"text": " "}\nnot json\n')
+    with pytest.raises(SystemExit, match="no text to tokenize.*1 empty, 1 malformed"):
+        prep(tmp_path / "nothing.jsonl", tmp_path / "out")
+    for bad in ("0", str(2**31), "1.5"):
+        with pytest.raises(SystemExit):
+            prep(REAL, tmp_path / "out", "--shard_size", bad)
+
+    # the default Hub source fails cleanly offline, pointing at --source
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach the Hub")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
+    with pytest.raises(SystemExit, match="--source") as e:
+        main(["--out_dir", str(tmp_path / "out")])
+    assert str(e.value).startswith("error: ") and "\n" not in str(e.value)
+
+
+def test_rerun_removes_stale_shards(tmp_path):
+    first = prep(REAL, tmp_path, "--shard_size", 5000, "--val_fraction", 0.2, "--num_proc", 1)
+    (tmp_path / "train_000020.bin.tmp").write_bytes(b"half a shard")
+    second = prep(REAL, tmp_path, "--shard_size", 50_000, "--val_fraction", 0.2, "--num_proc", 1)
+    assert first["train_shards"] > second["train_shards"] and first["val_shards"] > second["val_shards"]
+    stale = [f"train_{i:06d}.bin" for i in range(second["train_shards"], first["train_shards"])]
+    stale += ["train_000020.bin.tmp"]
+    stale += [f"val_{i:06d}.bin" for i in range(second["val_shards"], first["val_shards"])]
+    assert second["stale_removed"] == stale
+    assert len(list_shards(tmp_path, "train")) == second["train_shards"]
+    assert sorted(shard_docs(tmp_path, "train") + shard_docs(tmp_path, "val")) == sorted(tokenized(real_texts()))
+
+
+def test_cli_subprocess(tmp_path):
+    out = tmp_path / "shards"
+    cmd = [sys.executable, "data/fineweb_edu.py", "--source", str(REAL), "--out_dir", str(out),
+           "--val_fraction", "0.2", "--seed", "7"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "read 150 documents" in r.stdout
+    assert list_shards(out, "train") and list_shards(out, "val")
