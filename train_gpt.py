@@ -267,8 +267,7 @@ class GPT(nn.Module):
             logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1,
-                               reduction="sum")
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-1, reduction="sum")
         return logits, loss / (targets != -1).sum().clamp(min=1)
 
     def flops_per_token(self):
@@ -551,6 +550,9 @@ def evaluate():
 
 
 def write_checkpoint():
+    if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
+        log.print(f"step {step}: non-finite weights, not saved; the last good checkpoint is {out_dir}/ckpt.pt")
+        sys.exit(1)
     if master:
         save_checkpoint({
             "model": raw_model.state_dict(), "model_config": asdict(raw_model.config), "chat": False,
@@ -565,6 +567,7 @@ for sig in (signal.SIGINT, signal.SIGTERM):
     signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
 
 # ----------------------------------------------------------------------------- training loop
+start_step = step  # a resumed run does not rewrite the checkpoint it started from
 tokens_since, time_since = 0, time.perf_counter()
 while True:
     last = step >= max_iters
@@ -589,7 +592,7 @@ while True:
             wandb.log(record, step=step)
     if last:
         break
-    if step > 0 and step % checkpoint_interval == 0:
+    if step > start_step and step % checkpoint_interval == 0:
         write_checkpoint()
 
     batches = (loader.next_batch() for _ in range(grad_accum))
