@@ -1,0 +1,433 @@
+"""
+Sample from a trained GPT; the text streams to stdout as it is generated.
+
+    python sample.py "Once upon a time"                            # the newest logs/*/ckpt.pt
+    python sample.py "The meaning of life is" --ckpt=logs/gpt2_124m --num_samples=3 --temperature=0.8
+    python sample.py "Name three primary colors." --ckpt=logs/sft  # an SFT checkpoint: chat, only the reply
+    python sample.py --interactive --ckpt=logs/sft                 # one prompt per line, until EOF or an empty line
+    python sample.py --prompt_file=prompt.txt --temperature=0      # greedy
+
+Every prompt starts after an <|endoftext|>, where each pretraining document starts; an empty
+prompt is <|endoftext|> alone. Generation stops at <|endoftext|> or after max_new_tokens.
+
+Settings: the block below, then --key=value (or --key value); a bare word is the prompt.
+"""
+
+import codecs
+import contextlib
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data.common import (
+    ASSISTANT,
+    EOT,
+    VOCAB_SIZE,
+    UserError,
+    autodetect_device,
+    chat_prompt,
+    get_tokenizer,
+    load_checkpoint,
+    parse_config,
+    resolve_checkpoint,
+    script_defaults,
+)
+
+# ----------------------------------------------------------------------------- settings
+prompt = ""  # the text to continue (the bare word on the command line); "" = start from <|endoftext|>
+ckpt = ""  # checkpoint file or run dir; "" = the newest logs/*/ckpt.pt
+prompt_file = ""  # read the prompt from this file instead
+num_samples = 1
+max_new_tokens = 256
+temperature = 0.8  # 0 = greedy
+top_k = 200  # sample only from the k likeliest tokens; 0 = off
+top_p = 1.0  # sample only from the smallest set of tokens whose probability reaches p; 1.0 = off
+seed = 1337  # the same seed gives the same text
+chat = False  # wrap the prompt in the chat template and print only the reply (automatic for SFT checkpoints)
+interactive = False  # read prompts from stdin, one per line, until EOF or an empty line
+use_cache = True  # KV cache: after the prompt, each forward takes one token
+device = "auto"  # "auto" (cuda > mps > cpu), "cuda", "mps", "cpu"
+dtype = "auto"  # "auto" (bfloat16 autocast on CUDA, float32 elsewhere), "bfloat16" or "float32"
+compile = False  # torch.compile the forward pass
+
+# ----------------------------------------------------------------------------- model
+# The same text stands in train_gpt.py, finetune_sft.py, sample.py and eval_hellaswag.py
+# (tests/test_model_sync.py checks), so each stage script reads on its own.
+
+
+@dataclass
+class GPTConfig:
+    arch: str = "gpt2"  # "gpt2": learned positions, LayerNorm, GELU, tied head | "llama": RoPE, RMSNorm, SwiGLU
+    vocab_size: int = VOCAB_SIZE
+    block_size: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    qk_norm: bool = False  # RMS-normalise q and k per head before attention
+    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap)
+    rope_theta: float = 10000.0  # llama only
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, per layer, for one-token-per-forward decoding."""
+
+    def __init__(self, n_layer):
+        self.k, self.v = [None] * n_layer, [None] * n_layer
+        self.pos = 0  # tokens already in the cache
+
+    def update(self, layer, k, v, block_size):
+        if self.k[layer] is None:  # allocated on first use, in the dtype autocast gives k and v
+            B, H, _, D = k.shape
+            self.k[layer] = k.new_zeros(B, H, block_size, D)
+            self.v[layer] = v.new_zeros(B, H, block_size, D)
+        end = self.pos + k.size(2)
+        self.k[layer][:, :, self.pos : end] = k
+        self.v[layer][:, :, self.pos : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+def apply_rope(x, cos, sin):
+    """Rotate channel pairs (i, i + D/2) of x (B, T, H, D) by position-dependent angles, in fp32."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).type_as(x)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
+        bias = config.arch == "gpt2"
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=bias)  # q, k, v fused (HF GPT-2 layout)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=bias)
+        self.config, self.layer = config, layer
+
+    def forward(self, x, rope=None, cache=None):
+        B, T, C = x.shape
+        H = self.config.n_head
+        q, k, v = (t.view(B, T, H, C // H) for t in self.c_attn(x).split(C, dim=2))
+        if self.config.qk_norm:
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        if cache is not None:
+            # a prefill starts from an empty cache, so is_causal lines up; one new token sees every cached one
+            assert T == 1 or cache.pos == 0, "multi-token forwards need an empty cache"
+            k, v = cache.update(self.layer, k, v, self.config.block_size)
+        # no explicit mask: one would knock SDPA off the flash kernel
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        if config.arch == "gpt2":
+            self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+            self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        else:  # SwiGLU: 8/3 x wide keeps the parameters of a 4x GELU MLP; rounded up to a multiple of 64
+            hidden = 64 * math.ceil(8 * config.n_embd / 3 / 64)
+            self.c_fc = nn.Linear(config.n_embd, 2 * hidden, bias=False)  # gate and up, fused
+            self.c_proj = nn.Linear(hidden, config.n_embd, bias=False)
+        self.swiglu = config.arch == "llama"
+
+    def forward(self, x):
+        if self.swiglu:
+            gate, up = self.c_fc(x).chunk(2, dim=-1)
+            return self.c_proj(F.silu(gate) * up)
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2's "gelu_new"
+
+
+def make_norm(config):
+    return nn.LayerNorm(config.n_embd) if config.arch == "gpt2" else nn.RMSNorm(config.n_embd, eps=1e-6)
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        self.ln_1, self.attn = make_norm(config), CausalSelfAttention(config, layer)
+        self.ln_2, self.mlp = make_norm(config), MLP(config)
+
+    def forward(self, x, rope=None, cache=None):
+        x = x + self.attn(self.ln_1(x), rope, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """Parameter names follow HF GPT-2 (transformer.wte, transformer.h.N.attn.c_attn, ...)."""
+
+    def __init__(self, config):
+        super().__init__()
+        if config.arch not in ("gpt2", "llama"):
+            raise UserError(f"arch={config.arch!r}: use 'gpt2' or 'llama'")
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+            ln_f=make_norm(config),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.arch == "gpt2":
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+            self.transformer.wte.weight = self.lm_head.weight  # tied, as in GPT-2
+        else:
+            head_dim = config.n_embd // config.n_head
+            freqs = config.rope_theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+            angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), freqs)
+            self.register_buffer("rope_cos", angles.cos(), persistent=False)
+            self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # residual projections: GPT-2's 1/sqrt(2 * n_layer) scaling
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx, targets=None, cache=None):
+        """idx (B, T) token ids -> logits (B, T, vocab) and, given targets, the mean cross-entropy
+        over the targets that are not -1 (0 when none are, so an all-masked batch adds no NaN)."""
+        B, T = idx.shape
+        pos = cache.pos if cache is not None else 0
+        if pos + T > self.config.block_size:
+            raise ValueError(f"sequence of {pos + T} tokens is longer than block_size {self.config.block_size}")
+        x = self.transformer.wte(idx)
+        rope = None
+        if self.config.arch == "gpt2":
+            x = x + self.transformer.wpe(torch.arange(pos, pos + T, device=idx.device))
+        else:
+            rope = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]
+        for block in self.transformer.h:
+            x = block(x, rope, cache)
+        if cache is not None:
+            cache.pos += T
+        logits = self.lm_head(self.transformer.ln_f(x))
+        if self.config.logit_softcap > 0:
+            logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-1, reduction="sum")
+        return logits, loss / (targets != -1).sum().clamp(min=1)
+
+    def flops_per_token(self):
+        """Training FLOPs per token, nanoGPT/PaLM style: 6N for the matmul weights plus 12*L*H*Q*T for attention."""
+        c = self.config
+        n = sum(p.numel() for p in self.parameters())
+        n -= self.transformer.wpe.weight.numel() if c.arch == "gpt2" else self.transformer.wte.weight.numel()
+        return 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
+
+    def configure_optimizers(self, optimizer, learning_rate, weight_decay, muon_lr, muon_momentum,
+                             muon_weight_decay, betas):
+        """optimizer="muon": torch.optim.Muon for the 2-D matrices inside the blocks, AdamW for the
+        embeddings, head, norms and biases. optimizer="adamw": AdamW for everything (the baseline).
+        Weight decay only ever touches matrices and embeddings, never gains or biases."""
+        fused = next(self.parameters()).device.type == "cuda"
+        params = dict(self.named_parameters())  # a tied head appears once, as transformer.wte.weight
+        hidden = [p for n, p in params.items() if n.startswith("transformer.h.") and p.dim() == 2]
+        others = [p for n, p in params.items() if not (n.startswith("transformer.h.") and p.dim() == 2)]
+        if optimizer == "adamw":
+            decay = [p for p in params.values() if p.dim() >= 2]
+            no_decay = [p for p in params.values() if p.dim() < 2]
+            groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+            return [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)]
+        if optimizer == "muon":
+            groups = [dict(params=[p for p in others if p.dim() >= 2], weight_decay=weight_decay),
+                      dict(params=[p for p in others if p.dim() < 2], weight_decay=0.0)]
+            return [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused),
+                    torch.optim.Muon(hidden, lr=muon_lr, momentum=muon_momentum, weight_decay=muon_weight_decay)]
+        raise UserError(f"optimizer={optimizer!r}: use 'muon' or 'adamw'")
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, use_cache=True, generator=None):
+        """Yield the next token (B, 1) max_new_tokens times after the prompt idx (B, T).
+
+        With the cache the prompt is prefilled once, then each forward takes one token. Past
+        block_size the model sees the last block_size tokens (as without the cache), so the
+        cache is rebuilt from that window: both paths give the same tokens."""
+        cache = None
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                logits, _ = self(idx[:, -self.config.block_size :])
+            elif cache is None or cache.pos == self.config.block_size:
+                cache = KVCache(self.config.n_layer)
+                logits, _ = self(idx[:, -self.config.block_size :], cache=cache)
+            else:
+                logits, _ = self(idx[:, -1:], cache=cache)
+            next_token = sample_logits(logits[:, -1, :], temperature, top_k, top_p, generator)
+            idx = torch.cat([idx, next_token], dim=1)
+            yield next_token
+
+    @classmethod
+    def from_checkpoint(cls, ckpt, source="checkpoint"):
+        """Rebuild a model from a checkpoint dict; a mismatch names what differs, not every key."""
+        fields = set(GPTConfig.__dataclass_fields__)
+        unknown = sorted(set(ckpt["model_config"]) - fields)
+        if unknown:
+            raise UserError(f"{source}: model_config has fields this script does not know: {unknown}")
+        model = cls(GPTConfig(**ckpt["model_config"]))
+        model.load_weights(ckpt["model"], source)
+        return model
+
+    def load_weights(self, state, source="checkpoint"):
+        state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()}
+        expected = self.state_dict()
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        shapes = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+                  if k in state and state[k].shape != v.shape]
+        if missing or unexpected or shapes:
+            def brief(items):
+                return ", ".join(items[:3]) + (f" (+{len(items) - 3} more)" if len(items) > 3 else "")
+            parts = [f"missing {brief(missing)}" if missing else "", f"unexpected {brief(unexpected)}" if unexpected
+                     else "", f"shape {brief(shapes)}" if shapes else ""]
+            c = self.config
+            raise UserError(f"{source}: weights do not fit arch={c.arch} n_layer={c.n_layer} n_embd={c.n_embd} "
+                            f"vocab_size={c.vocab_size}: " + "; ".join(p for p in parts if p))
+        self.load_state_dict(state)
+
+    @classmethod
+    def from_hf(cls, hf_model):
+        """Our arch="gpt2" model holding the weights of a transformers GPT2LMHeadModel (same logits)."""
+        hf = hf_model.config
+        config = GPTConfig(arch="gpt2", vocab_size=hf.vocab_size, block_size=hf.n_positions, n_layer=hf.n_layer,
+                           n_head=hf.n_head, n_embd=hf.n_embd)
+        model = cls(config)
+        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        state = {k: v.t() if k.endswith(conv1d) else v for k, v in hf_model.state_dict().items()
+                 if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # HF's Conv1D stores weights transposed
+        model.load_weights(state, "transformers GPT2LMHeadModel")
+        return model
+
+    @classmethod
+    def from_pretrained(cls, name):
+        """OpenAI's GPT-2 weights (gpt2, gpt2-medium, gpt2-large, gpt2-xl) through transformers; vocab stays 50,257."""
+        try:
+            from transformers import GPT2LMHeadModel
+        except ImportError:
+            raise UserError(f"init_from={name} needs transformers: pip install transformers") from None
+        try:
+            return cls.from_hf(GPT2LMHeadModel.from_pretrained(name))
+        except OSError as e:
+            raise UserError(f"could not load {name} weights ({str(e).splitlines()[0]}); they come from the HF Hub "
+                            "or its local cache") from None
+
+
+def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """Pick one token per row of logits (B, V): greedy at temperature 0, else sample from the
+    softmax restricted to the top_k tokens and to the smallest set whose probability reaches top_p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token already reaches top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(outside, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+# ----------------------------------------------------------------------------- end of model
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def check_settings(cfg):
+    """One-line errors for settings generate() would otherwise misuse or crash on."""
+    if cfg.max_new_tokens < 1:
+        raise UserError(f"--max_new_tokens={cfg.max_new_tokens}: must be at least 1")
+    if cfg.num_samples < 1:
+        raise UserError(f"--num_samples={cfg.num_samples}: must be at least 1")
+    if cfg.temperature < 0:
+        raise UserError(f"--temperature={cfg.temperature}: must be 0 (greedy) or more")
+    if cfg.top_k < 0:
+        raise UserError(f"--top_k={cfg.top_k}: must be 0 (off) or more")
+    if not 0 < cfg.top_p <= 1:
+        raise UserError(f"--top_p={cfg.top_p}: must be in (0, 1]; 1 = off")
+    if cfg.prompt and cfg.prompt_file:
+        raise UserError("a prompt and --prompt_file both give the prompt; pass one")
+    if cfg.interactive and (cfg.prompt or cfg.prompt_file):
+        raise UserError("--interactive reads the prompts from stdin; drop the prompt argument and --prompt_file")
+
+
+def stream(model, ids, cfg, generator, device):
+    """Generate after the token ids and print the text as it comes, up to <|endoftext|>."""
+    enc = get_tokenizer()
+    # a character's bytes may be split over several tokens: print it once it is complete
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    idx = torch.tensor([ids], device=device)
+    for token in model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.use_cache,
+                                generator):
+        token = token.item()
+        if token == EOT:
+            break
+        if token < enc.n_vocab:  # the unused padding ids of the vocab have no text
+            print(decoder.decode(enc.decode_single_token_bytes(token)), end="", flush=True)
+    print(decoder.decode(b"", final=True), flush=True)
+
+
+def main(argv=None):
+    cfg = SimpleNamespace(**parse_config(script_defaults(globals()), sys.argv[1:] if argv is None else argv,
+                                         positional="prompt"))
+    check_settings(cfg)
+    if cfg.prompt_file:
+        if not Path(cfg.prompt_file).is_file():
+            raise UserError(f"--prompt_file={cfg.prompt_file}: file not found")
+        cfg.prompt = Path(cfg.prompt_file).read_text(encoding="utf-8")
+    device = autodetect_device() if cfg.device == "auto" else cfg.device
+    dtype = ("bfloat16" if device.startswith("cuda") else "float32") if cfg.dtype == "auto" else cfg.dtype
+    if dtype not in ("bfloat16", "float32"):
+        raise UserError(f"--dtype={dtype}: use bfloat16 or float32")
+    autocast = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if dtype == "bfloat16"
+                else contextlib.nullcontext())
+
+    path = resolve_checkpoint(cfg.ckpt)
+    checkpoint = load_checkpoint(path, "cpu")  # on the CPU: the optimizer state stays off the GPU
+    model = GPT.from_checkpoint(checkpoint, path).to(device)
+    chat = cfg.chat or checkpoint.get("chat", False)
+    del checkpoint
+    if chat and model.config.vocab_size <= ASSISTANT:
+        raise UserError(f"{path}: vocab_size {model.config.vocab_size} has no room for the chat tokens; drop --chat")
+    if cfg.compile:
+        model.forward = torch.compile(model.forward, dynamic=True)  # generate() calls it through the module
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    enc = get_tokenizer()
+
+    def respond(text):
+        ids = [EOT, *(chat_prompt(text) if chat else enc.encode_ordinary(text))]
+        for i in range(cfg.num_samples):
+            if i > 0:
+                print("---------------")
+            if not chat:
+                print(text, end="", flush=True)
+            with autocast:
+                stream(model, ids, cfg, generator, device)
+
+    if not cfg.interactive:
+        respond(cfg.prompt)
+        return
+    while True:
+        try:
+            line = input("> " if sys.stdin.isatty() else "")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        respond(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Small utilities shared by the tests.
+
+The model code is not a module: it is the text between the model markers, copied into every
+stage script. These helpers read that text from any script and run it on its own, so a test can
+build the GPT of train_gpt.py or finetune_sft.py without running the script's training code.
+"""
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data.common import VOCAB_SIZE, UserError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+MODEL_BEGIN = "# ----------------------------------------------------------------------------- model\n"
+MODEL_END = "# ----------------------------------------------------------------------------- end of model\n"
+TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=64)  # a model that runs in milliseconds on a CPU
+
+
+def model_section(script_path):
+    """The model section of a stage script, both marker lines included."""
+    text = Path(script_path).read_text()
+    if text.count(MODEL_BEGIN) != 1 or text.count(MODEL_END) != 1:
+        raise ValueError(f"{script_path}: expected one '# ---...--- model' and one '# ---...--- end of model' line")
+    return text[text.index(MODEL_BEGIN) : text.index(MODEL_END) + len(MODEL_END)]
+
+
+def load_model_namespace(script_path):
+    """Run a script's model section alone; return its names (GPT, GPTConfig, KVCache, sample_logits, ...).
+    The section gets exactly the imports it may rely on: math, dataclass, torch, nn, F, UserError, VOCAB_SIZE."""
+    namespace = dict(__name__=f"model_of_{Path(script_path).stem}", math=math, dataclass=dataclass, torch=torch,
+                     nn=nn, F=F, UserError=UserError, VOCAB_SIZE=VOCAB_SIZE)
+    exec(compile(model_section(script_path), str(script_path), "exec"), namespace)
+    return namespace
+
+
+def make_checkpoint(path, arch="gpt2", chat=False, seed=0, script=REPO_ROOT / "train_gpt.py", **config):
+    """Save a small random model in train_gpt.py's checkpoint format to path (a file; parent dirs are
+    made) and return the model. config overrides GPTConfig fields; the default size is TINY."""
+    ns = load_model_namespace(script)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = ns["GPT"](ns["GPTConfig"](arch=arch, **{**TINY, **config}))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "model_config": asdict(model.config), "chat": chat, "optimizers": [],
+                "config": {"arch": arch}, "step": 0, "best_val_loss": float("inf")}, path)
+    return model
