@@ -524,3 +524,103 @@ class RunLog:
             return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# chat examples: what data/sft_mix.py writes and finetune_sft.py loads
+#
+# A split is the examples' tokens back to back in {split}_000000.bin (the shard format
+# above) plus {split}_offsets.npy, int64 boundaries: example i is tokens[offsets[i]:offsets[i+1]].
+# The loss mask is not stored: reply_mask() re-derives it from the special ids, which
+# ordinary text never produces.
+
+SFT_PREPARE_HINT = "python data/sft_mix.py --out_dir {dir}"
+
+
+def write_examples(out_dir, split, examples):
+    """Write token-id lists as one split: the shard, then its offsets (both atomically)."""
+    out_dir = Path(out_dir)
+    lengths = np.array([len(ids) for ids in examples], dtype=np.int64)
+    write_shard(out_dir / f"{split}_000000.bin", np.concatenate([np.asarray(ids, dtype=np.uint16) for ids in examples]))
+    tmp = out_dir / f"{split}_offsets.npy.tmp"
+    with open(tmp, "wb") as f:
+        np.save(f, np.concatenate([[0], np.cumsum(lengths)]))
+    os.replace(tmp, out_dir / f"{split}_offsets.npy")
+
+
+def read_examples(data_dir, split):
+    """(tokens, offsets) of a split written by write_examples, checked against each other."""
+    path = Path(data_dir) / f"{split}_offsets.npy"
+    if not path.is_file():
+        raise UserError(f"no {path.name} in {data_dir}; prepare the examples with: "
+                        f"{SFT_PREPARE_HINT.format(dir=data_dir)}")
+    tokens = np.concatenate([read_shard(f) for f in list_shards(data_dir, split)])
+    offsets = np.load(path)
+    if (offsets.ndim != 1 or len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != len(tokens)
+            or np.any(np.diff(offsets) <= 0)):
+        raise UserError(f"{path} does not match the {len(tokens):,} tokens of the {split} shards; re-run "
+                        f"{SFT_PREPARE_HINT.format(dir=data_dir)}")
+    return tokens, offsets
+
+
+def reply_mask(ids):
+    """1 on the tokens render_chat masks with 1 (each reply and its closing <|endoftext|>), 0 elsewhere:
+    a token is reply iff the last special token before it is <|assistant|>."""
+    ids = np.asarray(ids)
+    is_special = (ids == USER) | (ids == ASSISTANT) | (ids == EOT)
+    latest = np.maximum.accumulate(np.where(is_special, np.arange(len(ids)), -1))  # at or before each position
+    before = np.concatenate([[-1], latest[:-1]])  # strictly before it; -1: none
+    return ((before >= 0) & (ids[before] == ASSISTANT)).astype(np.uint8)
+
+
+class ExampleLoader:
+    """Micro-batches of B chat examples of one split as (x, y), y = -1 wherever there is no loss: on the
+    prompts, the markers and the padding. Examples are cut to T + 1 tokens.
+
+    Training order: the examples in a permutation seeded by (seed, epoch), endlessly. Micro-batch g
+    takes positions g*B .. g*B+B-1 of that stream; rank r of W takes g = r, r+W, r+2W, ... (as
+    BatchLoader does), so the order follows from (seed, step) and the state is one counter."""
+
+    def __init__(self, data_dir, split, batch_size, block_size, seed=0, rank=0, world_size=1, device="cpu"):
+        self.tokens, self.offsets = read_examples(data_dir, split)
+        self.n = len(self.offsets) - 1
+        self.B, self.T, self.seed = batch_size, block_size, seed
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.position = 0  # micro-batches handed out so far, all ranks together
+        self.epoch, self.order = -1, None
+
+    def batch(self, indices):
+        """Examples -> x, y of shape (len(indices), longest example - 1), right-padded."""
+        rows = [self.tokens[self.offsets[i] : self.offsets[i + 1]][: self.T + 1].astype(np.int64) for i in indices]
+        T = max(len(ids) for ids in rows) - 1
+        # padding sits after each example, so causal attention never lets a real position see it
+        x = np.full((len(rows), T), EOT, dtype=np.int64)
+        y = np.full((len(rows), T), -1, dtype=np.int64)
+        for row, ids in enumerate(rows):
+            x[row, : len(ids) - 1] = ids[:-1]
+            y[row, : len(ids) - 1] = np.where(reply_mask(ids)[1:] == 1, ids[1:], -1)
+        return torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device)
+
+    def next_batch(self):
+        index = self.position + self.rank
+        self.position += self.world_size
+        picks = []
+        for p in range(index * self.B, (index + 1) * self.B):
+            if p // self.n != self.epoch:
+                self.epoch = p // self.n
+                self.order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+            picks.append(self.order[p % self.n])
+        return self.batch(picks)
+
+    def state_dict(self):
+        return {"position": self.position, "seed": self.seed, "examples": self.n}
+
+    def load_state_dict(self, state):
+        if (state["seed"], state["examples"]) != (self.seed, self.n):
+            raise UserError(
+                f"the checkpoint's loader used seed={state['seed']} over {state['examples']} train examples, this run "
+                f"seed={self.seed} over {self.n}; resume with the same seed and data_dir"
+            )
+        if state["position"] % self.world_size:
+            raise UserError(f"cannot resume loader position {state['position']} with {self.world_size} ranks")
+        self.position = state["position"]

@@ -1,0 +1,623 @@
+"""
+Fine-tune a pretrained GPT on prompt-response pairs (supervised fine-tuning), so that it answers
+a question put to it in the chat template: one GPU, or several under torchrun.
+
+    python data/sft_mix.py                                                # once: the mix into data/sft/
+    python finetune_sft.py configs/sft.toml --init_from=logs/gpt2_124m    # a train_gpt.py checkpoint or run dir
+    python finetune_sft.py configs/sft_smoke.toml --init_from=logs/smoke --device=cpu   # seconds on a laptop
+    python finetune_sft.py --out_dir=logs/sft --init_from=resume          # continue exactly where it stopped
+    python sample.py "What is the capital of France?" --ckpt=logs/sft     # ask the result
+
+An example is <|endoftext|><|user|>{prompt}<|assistant|>{response}<|endoftext|> (per turn); the loss
+counts only the replies and their closing <|endoftext|>. A micro-batch is batch_size examples in a
+seeded random order (a new permutation every epoch), right-padded to the longest of them; an example
+longer than block_size + 1 tokens loses its end.
+
+Settings: the block below, then configs/*.toml files, then --key=value, in that order.
+"""
+
+import contextlib
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data.common import (
+    ASSISTANT,
+    EOT,
+    VOCAB_SIZE,
+    ExampleLoader,
+    RunLog,
+    UserError,
+    autodetect_device,
+    chat_prompt,
+    get_tokenizer,
+    load_checkpoint,
+    lr_factor,
+    parse_config,
+    resolve_checkpoint,
+    rng_states,
+    save_checkpoint,
+    script_defaults,
+    set_rng_states,
+)
+
+# ----------------------------------------------------------------------------- settings
+# model: the architecture and the weights come from the base checkpoint
+init_from = ""  # a train_gpt.py checkpoint file or run dir, or "resume" (this script's out_dir/ckpt.pt)
+block_size = 0  # examples are cut to block_size + 1 tokens; 0 = the model's block_size
+# data
+data_dir = "data/sft"  # train_* and val_* examples from data/sft_mix.py
+batch_size = 16  # micro-batch, in examples
+gradient_accumulation_steps = 4  # micro-batches per optimizer step, all ranks together
+val_examples = 2000  # val loss over the first N val examples, the same ones at every eval; 0 = all
+# optimizer: a fresh state, with peaks a tenth of pretraining's (FGPT fine-tuned at 1e-7: far too small to move a model)
+optimizer = "muon"  # "muon": Muon for block matrices + AdamW for the rest; "adamw": AdamW for all
+learning_rate = 6e-5  # AdamW: embeddings, head, norms, biases (muon) or every parameter (adamw)
+weight_decay = 0.0  # AdamW, on matrices and embeddings only; none, as in Stanford Alpaca's fine-tune
+beta1 = 0.9
+beta2 = 0.95
+muon_lr = 0.002  # torch.optim.Muon, for the block matrices
+muon_momentum = 0.95
+muon_weight_decay = 0.0
+max_iters = 3000  # optimizer steps: 3000 x 64 examples = 192k examples
+warmup_iters = 100  # linear warmup steps
+lr_schedule = "cosine"  # "cosine" to min_lr_frac, or "wsd" (warmup-stable-decay, a trapezoid)
+lr_decay_iters = 0  # step where the schedule ends; 0 = max_iters (set it to resume into a longer run exactly)
+min_lr_frac = 0.0  # final learning rate as a fraction of the peak
+decay_frac = 0.2  # wsd: the last fraction of the run spent decaying
+grad_clip = 1.0  # clip the global gradient norm; 0 = off
+# evaluation, logging, checkpoints
+out_dir = "logs/sft"
+log_interval = 10  # steps between metrics.jsonl records
+eval_interval = 250  # steps between val loss measurements
+hellaswag = False  # score HellaSwag before and after fine-tuning (needs hellaswag_file and eval_hellaswag.py)
+hellaswag_file = "data/hellaswag/hellaswag_val.jsonl"
+hellaswag_limit = 0  # score only the first N examples; 0 = all 10,042
+sample_interval = 250  # steps between greedy replies to sample_prompt (also at the start and end); 0 = off
+sample_prompt = "What is the capital of France?"
+sample_tokens = 64
+checkpoint_interval = 1000  # steps between checkpoints (one is always written at the end)
+keep_last = 2  # also keep ckpt_STEP.pt for the last K checkpoints; 0 = only ckpt.pt
+wandb_log = False
+wandb_project = "gpt-sft"
+wandb_run_name = ""
+# system
+device = "auto"  # "auto" (cuda > mps > cpu), "cuda", "cuda:1", "mps", "cpu"
+dtype = "auto"  # "auto" (bfloat16 autocast on CUDA, float32 elsewhere), "bfloat16" or "float32"
+compile = True  # torch.compile the model (CUDA only; pass --compile=False on Windows)
+seed = 1337
+
+config = parse_config(script_defaults(globals()), sys.argv[1:])
+globals().update(config)
+
+# ----------------------------------------------------------------------------- model
+# The same text stands in train_gpt.py, finetune_sft.py, sample.py and eval_hellaswag.py
+# (tests/test_model_sync.py checks), so each stage script reads on its own.
+
+
+@dataclass
+class GPTConfig:
+    arch: str = "gpt2"  # "gpt2": learned positions, LayerNorm, GELU, tied head | "llama": RoPE, RMSNorm, SwiGLU
+    vocab_size: int = VOCAB_SIZE
+    block_size: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    qk_norm: bool = False  # RMS-normalise q and k per head before attention
+    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap)
+    rope_theta: float = 10000.0  # llama only
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, per layer, for one-token-per-forward decoding."""
+
+    def __init__(self, n_layer):
+        self.k, self.v = [None] * n_layer, [None] * n_layer
+        self.pos = 0  # tokens already in the cache
+
+    def update(self, layer, k, v, block_size):
+        if self.k[layer] is None:  # allocated on first use, in the dtype autocast gives k and v
+            B, H, _, D = k.shape
+            self.k[layer] = k.new_zeros(B, H, block_size, D)
+            self.v[layer] = v.new_zeros(B, H, block_size, D)
+        end = self.pos + k.size(2)
+        self.k[layer][:, :, self.pos : end] = k
+        self.v[layer][:, :, self.pos : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+def apply_rope(x, cos, sin):
+    """Rotate channel pairs (i, i + D/2) of x (B, T, H, D) by position-dependent angles, in fp32."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).type_as(x)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
+        bias = config.arch == "gpt2"
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=bias)  # q, k, v fused (HF GPT-2 layout)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=bias)
+        self.config, self.layer = config, layer
+
+    def forward(self, x, rope=None, cache=None):
+        B, T, C = x.shape
+        H = self.config.n_head
+        q, k, v = (t.view(B, T, H, C // H) for t in self.c_attn(x).split(C, dim=2))
+        if self.config.qk_norm:
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        if cache is not None:
+            # a prefill starts from an empty cache, so is_causal lines up; one new token sees every cached one
+            assert T == 1 or cache.pos == 0, "multi-token forwards need an empty cache"
+            k, v = cache.update(self.layer, k, v, self.config.block_size)
+        # no explicit mask: one would knock SDPA off the flash kernel
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        if config.arch == "gpt2":
+            self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+            self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        else:  # SwiGLU: 8/3 x wide keeps the parameters of a 4x GELU MLP; rounded up to a multiple of 64
+            hidden = 64 * math.ceil(8 * config.n_embd / 3 / 64)
+            self.c_fc = nn.Linear(config.n_embd, 2 * hidden, bias=False)  # gate and up, fused
+            self.c_proj = nn.Linear(hidden, config.n_embd, bias=False)
+        self.swiglu = config.arch == "llama"
+
+    def forward(self, x):
+        if self.swiglu:
+            gate, up = self.c_fc(x).chunk(2, dim=-1)
+            return self.c_proj(F.silu(gate) * up)
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2's "gelu_new"
+
+
+def make_norm(config):
+    return nn.LayerNorm(config.n_embd) if config.arch == "gpt2" else nn.RMSNorm(config.n_embd, eps=1e-6)
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        self.ln_1, self.attn = make_norm(config), CausalSelfAttention(config, layer)
+        self.ln_2, self.mlp = make_norm(config), MLP(config)
+
+    def forward(self, x, rope=None, cache=None):
+        x = x + self.attn(self.ln_1(x), rope, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """Parameter names follow HF GPT-2 (transformer.wte, transformer.h.N.attn.c_attn, ...)."""
+
+    def __init__(self, config):
+        super().__init__()
+        if config.arch not in ("gpt2", "llama"):
+            raise UserError(f"arch={config.arch!r}: use 'gpt2' or 'llama'")
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+            ln_f=make_norm(config),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.arch == "gpt2":
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+            self.transformer.wte.weight = self.lm_head.weight  # tied, as in GPT-2
+        else:
+            head_dim = config.n_embd // config.n_head
+            freqs = config.rope_theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+            angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), freqs)
+            self.register_buffer("rope_cos", angles.cos(), persistent=False)
+            self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # residual projections: GPT-2's 1/sqrt(2 * n_layer) scaling
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx, targets=None, cache=None):
+        """idx (B, T) token ids -> logits (B, T, vocab) and, given targets, the mean cross-entropy
+        over the targets that are not -1 (0 when none are, so an all-masked batch adds no NaN)."""
+        B, T = idx.shape
+        pos = cache.pos if cache is not None else 0
+        if pos + T > self.config.block_size:
+            raise ValueError(f"sequence of {pos + T} tokens is longer than block_size {self.config.block_size}")
+        x = self.transformer.wte(idx)
+        rope = None
+        if self.config.arch == "gpt2":
+            x = x + self.transformer.wpe(torch.arange(pos, pos + T, device=idx.device))
+        else:
+            rope = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]
+        for block in self.transformer.h:
+            x = block(x, rope, cache)
+        if cache is not None:
+            cache.pos += T
+        logits = self.lm_head(self.transformer.ln_f(x))
+        if self.config.logit_softcap > 0:
+            logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-1, reduction="sum")
+        return logits, loss / (targets != -1).sum().clamp(min=1)
+
+    def flops_per_token(self):
+        """Training FLOPs per token, nanoGPT/PaLM style: 6N for the matmul weights plus 12*L*H*Q*T for attention."""
+        c = self.config
+        n = sum(p.numel() for p in self.parameters())
+        n -= self.transformer.wpe.weight.numel() if c.arch == "gpt2" else self.transformer.wte.weight.numel()
+        return 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
+
+    def configure_optimizers(self, optimizer, learning_rate, weight_decay, muon_lr, muon_momentum,
+                             muon_weight_decay, betas):
+        """optimizer="muon": torch.optim.Muon for the 2-D matrices inside the blocks, AdamW for the
+        embeddings, head, norms and biases. optimizer="adamw": AdamW for everything (the baseline).
+        Weight decay only ever touches matrices and embeddings, never gains or biases."""
+        fused = next(self.parameters()).device.type == "cuda"
+        params = dict(self.named_parameters())  # a tied head appears once, as transformer.wte.weight
+        hidden = [p for n, p in params.items() if n.startswith("transformer.h.") and p.dim() == 2]
+        others = [p for n, p in params.items() if not (n.startswith("transformer.h.") and p.dim() == 2)]
+        if optimizer == "adamw":
+            decay = [p for p in params.values() if p.dim() >= 2]
+            no_decay = [p for p in params.values() if p.dim() < 2]
+            groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+            return [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)]
+        if optimizer == "muon":
+            groups = [dict(params=[p for p in others if p.dim() >= 2], weight_decay=weight_decay),
+                      dict(params=[p for p in others if p.dim() < 2], weight_decay=0.0)]
+            return [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused),
+                    torch.optim.Muon(hidden, lr=muon_lr, momentum=muon_momentum, weight_decay=muon_weight_decay)]
+        raise UserError(f"optimizer={optimizer!r}: use 'muon' or 'adamw'")
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, use_cache=True, generator=None):
+        """Yield the next token (B, 1) max_new_tokens times after the prompt idx (B, T).
+
+        With the cache the prompt is prefilled once, then each forward takes one token. Past
+        block_size the model sees the last block_size tokens (as without the cache), so the
+        cache is rebuilt from that window: both paths give the same tokens."""
+        cache = None
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                logits, _ = self(idx[:, -self.config.block_size :])
+            elif cache is None or cache.pos == self.config.block_size:
+                cache = KVCache(self.config.n_layer)
+                logits, _ = self(idx[:, -self.config.block_size :], cache=cache)
+            else:
+                logits, _ = self(idx[:, -1:], cache=cache)
+            next_token = sample_logits(logits[:, -1, :], temperature, top_k, top_p, generator)
+            idx = torch.cat([idx, next_token], dim=1)
+            yield next_token
+
+    @classmethod
+    def from_checkpoint(cls, ckpt, source="checkpoint"):
+        """Rebuild a model from a checkpoint dict; a mismatch names what differs, not every key."""
+        fields = set(GPTConfig.__dataclass_fields__)
+        unknown = sorted(set(ckpt["model_config"]) - fields)
+        if unknown:
+            raise UserError(f"{source}: model_config has fields this script does not know: {unknown}")
+        model = cls(GPTConfig(**ckpt["model_config"]))
+        model.load_weights(ckpt["model"], source)
+        return model
+
+    def load_weights(self, state, source="checkpoint"):
+        state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()}
+        expected = self.state_dict()
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        shapes = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+                  if k in state and state[k].shape != v.shape]
+        if missing or unexpected or shapes:
+            def brief(items):
+                return ", ".join(items[:3]) + (f" (+{len(items) - 3} more)" if len(items) > 3 else "")
+            parts = [f"missing {brief(missing)}" if missing else "", f"unexpected {brief(unexpected)}" if unexpected
+                     else "", f"shape {brief(shapes)}" if shapes else ""]
+            c = self.config
+            raise UserError(f"{source}: weights do not fit arch={c.arch} n_layer={c.n_layer} n_embd={c.n_embd} "
+                            f"vocab_size={c.vocab_size}: " + "; ".join(p for p in parts if p))
+        self.load_state_dict(state)
+
+    @classmethod
+    def from_hf(cls, hf_model):
+        """Our arch="gpt2" model holding the weights of a transformers GPT2LMHeadModel (same logits)."""
+        hf = hf_model.config
+        config = GPTConfig(arch="gpt2", vocab_size=hf.vocab_size, block_size=hf.n_positions, n_layer=hf.n_layer,
+                           n_head=hf.n_head, n_embd=hf.n_embd)
+        model = cls(config)
+        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        state = {k: v.t() if k.endswith(conv1d) else v for k, v in hf_model.state_dict().items()
+                 if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # HF's Conv1D stores weights transposed
+        model.load_weights(state, "transformers GPT2LMHeadModel")
+        return model
+
+    @classmethod
+    def from_pretrained(cls, name):
+        """OpenAI's GPT-2 weights (gpt2, gpt2-medium, gpt2-large, gpt2-xl) through transformers; vocab stays 50,257."""
+        try:
+            from transformers import GPT2LMHeadModel
+        except ImportError:
+            raise UserError(f"init_from={name} needs transformers: pip install transformers") from None
+        try:
+            return cls.from_hf(GPT2LMHeadModel.from_pretrained(name))
+        except OSError as e:
+            raise UserError(f"could not load {name} weights ({str(e).splitlines()[0]}); they come from the HF Hub "
+                            "or its local cache") from None
+
+
+def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """Pick one token per row of logits (B, V): greedy at temperature 0, else sample from the
+    softmax restricted to the top_k tokens and to the smallest set whose probability reaches top_p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token already reaches top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(outside, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+# ----------------------------------------------------------------------------- end of model
+
+# ----------------------------------------------------------------------------- setup
+ddp = "RANK" in os.environ  # launched by torchrun
+device = autodetect_device() if device == "auto" else device
+if ddp:
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+else:
+    rank, world_size = 0, 1
+master = rank == 0
+device_type = torch.device(device).type
+if dtype == "auto":
+    dtype = "bfloat16" if device_type == "cuda" else "float32"
+if dtype not in ("bfloat16", "float32"):
+    raise UserError(f"--dtype={dtype}: use bfloat16 or float32")
+autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16"
+            else contextlib.nullcontext())
+torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and later
+torch.manual_seed(seed)
+
+if gradient_accumulation_steps % world_size:
+    raise UserError(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the "
+                    f"{world_size} ranks")
+grad_accum = gradient_accumulation_steps // world_size  # micro-steps per rank
+
+if not init_from:
+    raise UserError("no base model: pass --init_from=PATH (a train_gpt.py checkpoint or run dir) or --init_from=resume")
+resume = init_from == "resume"
+ckpt_path = resolve_checkpoint(out_dir if resume else init_from)
+if not resume and ckpt_path.resolve().parent == Path(out_dir).resolve():
+    raise UserError(f"init_from={init_from} is in out_dir={out_dir}, whose checkpoints this run overwrites; "
+                    "pick another out_dir, or --init_from=resume to continue a fine-tune")
+ckpt = load_checkpoint(ckpt_path, device)
+if resume and not ckpt.get("chat"):
+    raise UserError(f"{ckpt_path} was not written by finetune_sft.py; to fine-tune it, pass --init_from={out_dir} "
+                    "and another out_dir")
+model = GPT.from_checkpoint(ckpt, str(ckpt_path))
+if model.config.vocab_size <= ASSISTANT:
+    raise UserError(f"{ckpt_path}: vocab_size {model.config.vocab_size} has no room for the chat tokens (ids up to "
+                    f"{ASSISTANT}); fine-tune a model with the padded vocab of {VOCAB_SIZE}")
+block_size = block_size or model.config.block_size
+if block_size > model.config.block_size:
+    raise UserError(f"block_size={block_size} is longer than the model's {model.config.block_size}")
+model.to(device)
+raw_model = model  # the uncompiled module: its state_dict has plain parameter names
+optimizers = model.configure_optimizers(optimizer, learning_rate, weight_decay, muon_lr, muon_momentum,
+                                        muon_weight_decay, (beta1, beta2))
+base_lrs = [[group["lr"] for group in opt.param_groups] for opt in optimizers]  # kept from this run's settings
+if compile and device_type == "cuda":
+    model = torch.compile(model)  # lengths vary by batch: after one recompile it treats them as dynamic
+compiled = model
+if ddp:
+    model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device_type == "cuda" else None)
+
+step, best_val_loss = 0, float("inf")
+if resume:
+    if ckpt["config"]["optimizer"] != optimizer:
+        raise UserError(f"{ckpt_path} was trained with optimizer={ckpt['config']['optimizer']}; "
+                        f"resume with --optimizer={ckpt['config']['optimizer']}")
+    for opt, state in zip(optimizers, ckpt["optimizers"], strict=True):
+        opt.load_state_dict(state)
+    step, best_val_loss = ckpt["step"], ckpt["best_val_loss"]
+    set_rng_states(ckpt["rng"])
+
+log = RunLog(out_dir, __file__, config, resume_step=step if resume else None, enabled=master)
+n_params = sum(p.numel() for p in raw_model.parameters())
+log.print(f"model: {n_params / 1e6:.1f}M parameters from {ckpt_path} | device {device} {dtype} | {world_size} "
+          f"rank(s) x {grad_accum} micro-steps x {batch_size} examples of <= {block_size + 1} tokens")
+
+loader = ExampleLoader(data_dir, "train", batch_size, block_size, seed=seed, rank=rank, world_size=world_size,
+                       device=device)
+val_loader = ExampleLoader(data_dir, "val", batch_size, block_size, device=device)
+n_val = min(val_examples or val_loader.n, val_loader.n)
+val_batches = [val_loader.batch(range(i, min(i + batch_size, n_val)))
+               for i in range(0, n_val, batch_size)[rank::world_size]]
+if resume:
+    loader.load_state_dict(ckpt["loader"])
+    log.print(f"resumed from {ckpt_path} at step {step}")
+del ckpt
+log.print(f"data: {data_dir}, {loader.n:,} train examples ({len(loader.tokens):,} tokens), {n_val:,} of "
+          f"{val_loader.n:,} val examples scored")
+hellaswag_examples = None
+if hellaswag:
+    if not os.path.exists(hellaswag_file):
+        raise UserError(f"hellaswag=True but {hellaswag_file} does not exist; set hellaswag_file or --hellaswag=False")
+    from eval_hellaswag import hellaswag_score, load_hellaswag
+
+    hellaswag_examples = load_hellaswag(hellaswag_file, limit=hellaswag_limit)
+wandb = None
+if wandb_log and master:
+    import wandb
+
+    wandb.init(project=wandb_project, name=wandb_run_name or None, config=config)
+
+
+def train_step(batches):
+    """One optimizer step over the micro-batches: returns (loss, grad norm before clipping, lr factor).
+
+    The loss is the mean over every reply token of the step (all micro-batches and ranks), so each
+    token weighs the same wherever it lands; a mean of per-micro-batch means would not do that."""
+    for step_opt in optimizers:
+        step_opt.zero_grad(set_to_none=True)
+    counts = [(y != -1).sum() for _, y in batches]
+    n_total = torch.stack(counts).sum().float()
+    if ddp:
+        dist.all_reduce(n_total)
+    n_total = n_total.clamp(min=1)  # a step whose replies were all cut off: zero loss and gradients, no NaN
+    loss_sum = torch.zeros((), device=device)
+    for micro, ((x, y), n) in enumerate(zip(batches, counts, strict=True)):
+        # DDP: all-reduce gradients only after the last micro-step
+        sync = not ddp or micro == grad_accum - 1
+        with model.no_sync() if not sync else contextlib.nullcontext(), autocast:
+            _, loss = model(x, y)
+        (loss * n * world_size / n_total).backward()  # DDP averages the ranks' gradients: undo its 1/world_size
+        loss_sum += loss.detach() * n
+    if ddp:
+        dist.all_reduce(loss_sum)
+    norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    factor = lr_factor(step, lr_decay_iters or max_iters, warmup_iters, lr_schedule, min_lr_frac, decay_frac)
+    for step_opt, lrs in zip(optimizers, base_lrs, strict=True):
+        for group, lr in zip(step_opt.param_groups, lrs, strict=True):
+            group["lr"] = lr * factor
+    for step_opt in optimizers:
+        step_opt.step()
+    return loss_sum / n_total, norm, factor
+
+
+@torch.no_grad()
+def evaluate():
+    """Mean loss per reply token over the fixed val examples (all ranks together)."""
+    model.eval()
+    total = torch.zeros(2, device=device)
+    for x, y in val_batches:
+        with autocast:
+            _, loss = compiled(x, y)
+        n = (y != -1).sum()
+        total += torch.stack([loss.float() * n, n.float()])
+    if ddp:
+        dist.all_reduce(total)
+    model.train()
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+@torch.no_grad()
+def reply(prompt):
+    """The model's greedy reply to prompt, as sample.py asks it: the same text whenever the weights are the same."""
+    idx = torch.tensor([[EOT, *chat_prompt(prompt)]], device=device)
+    out = []
+    with autocast:
+        for token in raw_model.generate(idx, sample_tokens, temperature=0):
+            if token.item() == EOT:
+                break
+            out.append(token.item())
+    return get_tokenizer().decode(out)
+
+
+def param_norm():
+    return torch.sqrt(sum(p.detach().float().square().sum() for p in raw_model.parameters())).item()
+
+
+def write_checkpoint():
+    # the norm overflows once any weight passes ~1e19, so this refuses blown-up weights, not only inf and NaN ones
+    if not math.isfinite(param_norm()):
+        log.print(f"step {step}: non-finite weight norm, not saved; the last good checkpoint is {out_dir}/ckpt.pt")
+        sys.exit(1)
+    if master:
+        save_checkpoint({
+            "model": raw_model.state_dict(), "model_config": asdict(raw_model.config), "chat": True,
+            "optimizers": [opt.state_dict() for opt in optimizers], "config": config, "step": step,
+            "best_val_loss": best_val_loss, "rng": rng_states(), "loader": loader.state_dict(),
+        }, out_dir, step, keep_last)
+        log.print(f"step {step}: checkpoint written to {out_dir}/ckpt.pt")
+
+
+stop_signal = []  # SIGINT/SIGTERM: finish the current step, checkpoint, exit cleanly
+for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+
+# ----------------------------------------------------------------------------- training loop
+start_step = step  # a resumed run does not rewrite the checkpoint it started from
+tokens_since, time_since = 0, time.perf_counter()
+while True:
+    last = step >= max_iters
+    record = {}
+    if step % eval_interval == 0 or last:
+        record["val_loss"] = evaluate()
+        best_val_loss = min(best_val_loss, record["val_loss"])
+    if hellaswag_examples is not None and (step == 0 or last):
+        with autocast:
+            record["hellaswag"] = hellaswag_score(raw_model, hellaswag_examples, device, rank=rank,
+                                                  world_size=world_size)["acc_norm"]
+    if master and sample_interval > 0 and (step % sample_interval == 0 or last):
+        log.print(f"step {step} sample: {sample_prompt!r} -> {reply(sample_prompt)!r}")
+    if record:
+        log.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items()))
+        log.metrics({"step": step, **record})
+        if wandb:
+            wandb.log(record, step=step)
+    if last:
+        break
+    if step > start_step and step % checkpoint_interval == 0:
+        write_checkpoint()
+
+    batches = [loader.next_batch() for _ in range(grad_accum)]
+    loss, norm, factor = train_step(batches)
+    step += 1
+    tokens_since += sum(x.numel() for x, _ in batches) * world_size
+    loss_value, norm_value = loss.item(), norm.item()  # one sync per step: catches a NaN before it is saved
+    if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+        log.print(f"step {step}: loss {loss_value}, grad norm {norm_value}: stopping; the last good checkpoint "
+                  f"is {out_dir}/ckpt.pt (try a lower learning rate or grad_clip)")
+        sys.exit(1)
+    if step % log_interval == 0 or step == max_iters:
+        dt = time.perf_counter() - time_since
+        rec = {"step": step, "loss": loss_value, "lr": learning_rate * factor, "grad_norm": norm_value,
+               "param_norm": param_norm(), "tokens_per_sec": tokens_since / dt}
+        log.print(f"step {step}/{max_iters}: loss {loss_value:.4f}, lr {rec['lr']:.2e}, grad norm {norm_value:.3f}, "
+                  f"param norm {rec['param_norm']:.1f}, {rec['tokens_per_sec']:,.0f} tok/s")
+        log.metrics(rec)
+        if wandb:
+            wandb.log(rec, step=step)
+        tokens_since, time_since = 0, time.perf_counter()
+    stop = bool(stop_signal)
+    if ddp:  # every rank stops at the same step, or the others would wait forever in all_reduce
+        flag = torch.tensor(float(stop), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop = bool(flag.item())
+    if stop:
+        log.print(f"step {step}: interrupted by signal")
+        break
+
+write_checkpoint()
+if ddp:
+    dist.destroy_process_group()
