@@ -36,6 +36,7 @@ import hashlib
 import json
 import os
 import sys
+from functools import partial
 from itertools import chain, islice
 from multiprocessing import Pool
 from pathlib import Path
@@ -150,7 +151,8 @@ def open_hub():
             f"cannot stream {HF_DATASET} {HF_CONFIG} from the Hugging Face Hub ({type(e).__name__}: {reason}); "
             f"to use local files pass --source PATH_OR_GLOB (.jsonl, .parquet or .txt)"
         ) from None
-    return (row["text"] for row in chain([first], stream))
+    return (row["text"] if isinstance(row.get("text"), str) else Malformed(f"{HF_DATASET} row {i}", "no string text")
+            for i, row in enumerate(chain([first], stream)))
 
 
 # -----------------------------------------------------------------------------
@@ -183,16 +185,6 @@ def tokenize_chunk(chunk, seed):
             tokens[1:] = ids
             out.append((split_hash(doc, seed), tokens))
     return out
-
-
-class ChunkTokenizer:
-    """tokenize_chunk with the seed bound, picklable for the pool."""
-
-    def __init__(self, seed):
-        self.seed = seed
-
-    def __call__(self, chunk):
-        return tokenize_chunk(chunk, self.seed)
 
 
 def chunked(docs, n):
@@ -297,7 +289,7 @@ def main(argv=None):
     empty = total = 0
     malformed = []
     stopped = False
-    tokenize = ChunkTokenizer(args.seed)
+    tokenize = partial(tokenize_chunk, seed=args.seed)
     pool = Pool(args.num_proc) if args.num_proc > 1 else None
     try:
         # imap keeps document order, and reads ahead only as far as the task pipe holds, so memory stays bounded

@@ -171,7 +171,7 @@ def test_parquet_source(tmp_path):
         prep(tmp_path / "notext.parquet", tmp_path / "out2", "--num_proc", 2)
 
 
-def test_source_errors(tmp_path, monkeypatch):
+def test_source_errors(tmp_path):
     pattern = str(tmp_path / "nothing_*.jsonl")
     with pytest.raises(SystemExit, match="matches no files") as e:
         prep(pattern, tmp_path / "out")
@@ -185,9 +185,22 @@ def test_source_errors(tmp_path, monkeypatch):
         with pytest.raises(SystemExit):
             prep(REAL, tmp_path / "out", "--shard_size", bad)
 
-    # the default Hub source fails cleanly offline, pointing at --source
+
+def test_hub_source(tmp_path, monkeypatch):
+    """The default source, with `datasets` stubbed: this machine is offline."""
+    rows = [{"text": "first hub doc"}, {"text": None}, {"text": "second hub doc", "score": 3.1}]
+
+    def load_dataset(path, name, split, streaming):
+        assert (path, name, split, streaming) == ("HuggingFaceFW/fineweb-edu", "sample-10BT", "train", True)
+        return iter(rows)
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    s = main(["--out_dir", str(tmp_path / "out"), "--val_fraction", "0", "--num_proc", "2"])
+    assert (s["docs_read"], s["malformed"]) == (3, 1)
+    assert shard_docs(tmp_path / "out", "train") == tokenized(["first hub doc", "second hub doc"])
+
     def offline(*args, **kwargs):
-        raise ConnectionError("Couldn't reach the Hub")
+        raise ConnectionError("Couldn't reach 'HuggingFaceFW/fineweb-edu' on the Hub")
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
     with pytest.raises(SystemExit, match="--source") as e:
