@@ -19,10 +19,9 @@ Settings: the block below, then configs/*.toml files, then --key=value, in that 
 import contextlib
 import math
 import os
-import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,18 +35,22 @@ from data.common import (
     VOCAB_SIZE,
     ExampleLoader,
     RunLog,
+    StopRequest,
     UserError,
-    autodetect_device,
     chat_prompt,
     get_tokenizer,
+    init_distributed,
     load_checkpoint,
     lr_factor,
+    param_norm,
     parse_config,
+    pick_autocast,
     resolve_checkpoint,
-    rng_states,
-    save_checkpoint,
+    restore_training_state,
     script_defaults,
-    set_rng_states,
+    set_learning_rates,
+    stop_if_not_finite,
+    write_training_checkpoint,
 )
 
 # ----------------------------------------------------------------------------- settings
@@ -386,24 +389,10 @@ def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 # ----------------------------------------------------------------------------- end of model
 
 # ----------------------------------------------------------------------------- setup
-ddp = "RANK" in os.environ  # launched by torchrun
-device = autodetect_device() if device == "auto" else device
-if ddp:
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    if device.startswith("cuda"):
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(device)
-else:
-    rank, world_size = 0, 1
+ddp, rank, world_size, device = init_distributed(device)
 master = rank == 0
 device_type = torch.device(device).type
-if dtype == "auto":
-    dtype = "bfloat16" if device_type == "cuda" else "float32"
-if dtype not in ("bfloat16", "float32"):
-    raise UserError(f"--dtype={dtype}: use bfloat16 or float32")
-autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16"
-            else contextlib.nullcontext())
+dtype, autocast = pick_autocast(device, dtype)
 torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and later
 torch.manual_seed(seed)
 
@@ -443,13 +432,7 @@ if ddp:
 
 step, best_val_loss = 0, float("inf")
 if resume:
-    if ckpt["config"]["optimizer"] != optimizer:
-        raise UserError(f"{ckpt_path} was trained with optimizer={ckpt['config']['optimizer']}; "
-                        f"resume with --optimizer={ckpt['config']['optimizer']}")
-    for opt, state in zip(optimizers, ckpt["optimizers"], strict=True):
-        opt.load_state_dict(state)
-    step, best_val_loss = ckpt["step"], ckpt["best_val_loss"]
-    set_rng_states(ckpt["rng"])
+    step, best_val_loss = restore_training_state(ckpt, optimizers, optimizer, ckpt_path)
 
 log = RunLog(out_dir, __file__, config, resume_step=step if resume else None, enabled=master)
 n_params = sum(p.numel() for p in raw_model.parameters())
@@ -506,9 +489,7 @@ def train_step(batches):
         dist.all_reduce(loss_sum)
     norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     factor = lr_factor(step, lr_decay_iters or max_iters, warmup_iters, lr_schedule, min_lr_frac, decay_frac)
-    for step_opt, lrs in zip(optimizers, base_lrs, strict=True):
-        for group, lr in zip(step_opt.param_groups, lrs, strict=True):
-            group["lr"] = lr * factor
+    set_learning_rates(optimizers, base_lrs, factor)
     for step_opt in optimizers:
         step_opt.step()
     return loss_sum / n_total, norm, factor
@@ -543,29 +524,13 @@ def reply(prompt):
     return get_tokenizer().decode(out)
 
 
-def param_norm():
-    return torch.sqrt(sum(p.detach().float().square().sum() for p in raw_model.parameters())).item()
-
-
 def write_checkpoint():
-    # the norm overflows once any weight passes ~1e19, so this refuses blown-up weights, not only inf and NaN ones
-    if not math.isfinite(param_norm()):
-        log.print(f"step {step}: non-finite weight norm, not saved; the last good checkpoint is {out_dir}/ckpt.pt")
-        sys.exit(1)
-    if master:
-        save_checkpoint({
-            "model": raw_model.state_dict(), "model_config": asdict(raw_model.config), "chat": True,
-            "optimizers": [opt.state_dict() for opt in optimizers], "config": config, "step": step,
-            "best_val_loss": best_val_loss, "rng": rng_states(), "loader": loader.state_dict(),
-        }, out_dir, step, keep_last)
-        log.print(f"step {step}: checkpoint written to {out_dir}/ckpt.pt")
+    write_training_checkpoint(log, out_dir, keep_last, master, raw_model, chat=True, optimizers=optimizers,
+                              loader=loader, config=config, step=step, best_val_loss=best_val_loss)
 
-
-stop_signal = []  # SIGINT/SIGTERM: finish the current step, checkpoint, exit cleanly
-for sig in (signal.SIGINT, signal.SIGTERM):
-    signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
 
 # ----------------------------------------------------------------------------- training loop
+stop_requested = StopRequest()
 start_step = step  # a resumed run does not rewrite the checkpoint it started from
 tokens_since, time_since = 0, time.perf_counter()
 while True:
@@ -595,26 +560,18 @@ while True:
     step += 1
     tokens_since += sum(x.numel() for x, _ in batches) * world_size
     loss_value, norm_value = loss.item(), norm.item()  # one sync per step: catches a NaN before it is saved
-    if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-        log.print(f"step {step}: loss {loss_value}, grad norm {norm_value}: stopping; the last good checkpoint "
-                  f"is {out_dir}/ckpt.pt (try a lower learning rate or grad_clip)")
-        sys.exit(1)
+    stop_if_not_finite(log, out_dir, step, loss_value, norm_value)
     if step % log_interval == 0 or step == max_iters:
         dt = time.perf_counter() - time_since
         rec = {"step": step, "loss": loss_value, "lr": learning_rate * factor, "grad_norm": norm_value,
-               "param_norm": param_norm(), "tokens_per_sec": tokens_since / dt}
+               "param_norm": param_norm(raw_model), "tokens_per_sec": tokens_since / dt}
         log.print(f"step {step}/{max_iters}: loss {loss_value:.4f}, lr {rec['lr']:.2e}, grad norm {norm_value:.3f}, "
                   f"param norm {rec['param_norm']:.1f}, {rec['tokens_per_sec']:,.0f} tok/s")
         log.metrics(rec)
         if wandb:
             wandb.log(rec, step=step)
         tokens_since, time_since = 0, time.perf_counter()
-    stop = bool(stop_signal)
-    if ddp:  # every rank stops at the same step, or the others would wait forever in all_reduce
-        flag = torch.tensor(float(stop), device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stop = bool(flag.item())
-    if stop:
+    if stop_requested(ddp, device):
         log.print(f"step {step}: interrupted by signal")
         break
 

@@ -14,10 +14,9 @@ Settings: the block below, then configs/*.toml files, then --key=value, in that 
 import contextlib
 import math
 import os
-import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -25,20 +24,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data.common import (
+    EOT,
     VOCAB_SIZE,
     BatchLoader,
     RunLog,
+    StopRequest,
     UserError,
     ValData,
-    autodetect_device,
     get_tokenizer,
+    init_distributed,
     load_checkpoint,
     lr_factor,
+    param_norm,
     parse_config,
-    rng_states,
-    save_checkpoint,
+    pick_autocast,
+    restore_training_state,
     script_defaults,
-    set_rng_states,
+    set_learning_rates,
+    stop_if_not_finite,
+    write_training_checkpoint,
 )
 
 # ----------------------------------------------------------------------------- settings
@@ -394,24 +398,10 @@ def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 # ----------------------------------------------------------------------------- end of model
 
 # ----------------------------------------------------------------------------- setup
-ddp = "RANK" in os.environ  # launched by torchrun
-device = autodetect_device() if device == "auto" else device
-if ddp:
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    if device.startswith("cuda"):
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(device)
-else:
-    rank, world_size = 0, 1
+ddp, rank, world_size, device = init_distributed(device)
 master = rank == 0
 device_type = torch.device(device).type
-if dtype == "auto":
-    dtype = "bfloat16" if device_type == "cuda" else "float32"
-if dtype not in ("bfloat16", "float32"):
-    raise UserError(f"--dtype={dtype}: use bfloat16 or float32")
-autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16"
-            else contextlib.nullcontext())
+dtype, autocast = pick_autocast(device, dtype)
 torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and later
 torch.manual_seed(seed)  # every rank builds the same initial weights
 
@@ -420,6 +410,16 @@ if total_batch_size % tokens_per_micro:
     raise UserError(f"total_batch_size={total_batch_size} must be a multiple of batch_size * block_size * "
                     f"world_size = {batch_size} * {block_size} * {world_size} = {tokens_per_micro}")
 grad_accum = total_batch_size // tokens_per_micro
+
+if not bench:  # data problems surface before anything is written to out_dir
+    loader = BatchLoader(data_dir, "train", batch_size, block_size, seed=seed, rank=rank, world_size=world_size,
+                         mode=loader_mode, device=device)
+    val_data = ValData(data_dir, batch_size, block_size, val_tokens, rank=rank, world_size=world_size, device=device)
+hellaswag = None
+if hellaswag_interval > 0 and os.path.exists(hellaswag_file) and not bench:
+    from eval_hellaswag import hellaswag_score, load_hellaswag
+
+    hellaswag = load_hellaswag(hellaswag_file, limit=hellaswag_limit)
 
 ckpt = None
 if init_from == "resume":
@@ -447,15 +447,12 @@ if ddp:
 
 step, best_val_loss = 0, float("inf")
 if ckpt is not None:
-    if ckpt["config"]["optimizer"] != optimizer:
-        raise UserError(f"{out_dir}/ckpt.pt was trained with optimizer={ckpt['config']['optimizer']}; "
-                        f"resume with --optimizer={ckpt['config']['optimizer']}")
-    for opt, state in zip(optimizers, ckpt["optimizers"], strict=True):
-        opt.load_state_dict(state)
-    step, best_val_loss = ckpt["step"], ckpt["best_val_loss"]
-    set_rng_states(ckpt["rng"])
+    step, best_val_loss = restore_training_state(ckpt, optimizers, optimizer, f"{out_dir}/ckpt.pt")
+    loader.load_state_dict(ckpt["loader"])
+del ckpt
 
-log = RunLog(out_dir, __file__, config, resume_step=step if ckpt is not None else None, enabled=master and not bench)
+log = RunLog(out_dir, __file__, config, resume_step=step if init_from == "resume" else None,
+             enabled=master and not bench)
 flops_per_token = raw_model.flops_per_token()
 if peak_flops == 0 and device_type == "cuda":
     name = torch.cuda.get_device_name(device)
@@ -464,6 +461,14 @@ n_params = sum(p.numel() for p in raw_model.parameters())
 log.print(f"model: {n_params / 1e6:.1f}M parameters, {flops_per_token / 1e6:.0f} MFLOPs/token | device {device} "
           f"{dtype} | {world_size} rank(s) x {grad_accum} micro-steps x {batch_size} x {block_size} tokens "
           f"= {total_batch_size:,} tokens/step")
+if not bench:
+    log.print(f"data: {data_dir}, {int(loader.reader.starts[-1]):,} train tokens in {len(loader.reader.files)} "
+              f"shards, {val_data.tokens:,} val tokens" + (f"; resumed at step {step}" if step else ""))
+wandb = None
+if wandb_log and master and not bench:
+    import wandb
+
+    wandb.init(project=wandb_project, name=wandb_run_name or None, config=config)
 
 
 def mfu(tokens_per_sec):
@@ -472,9 +477,9 @@ def mfu(tokens_per_sec):
 
 
 def train_step(batches):
-    """One optimizer step over grad_accum micro-batches: returns (mean loss, grad norm before clipping)."""
-    for step_opt in optimizers:
-        step_opt.zero_grad(set_to_none=True)
+    """One optimizer step over grad_accum micro-batches: returns (mean loss, grad norm before clipping, lr factor)."""
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=device)
     for micro, (x, y) in enumerate(batches):
         # DDP: all-reduce gradients only after the last micro-step
@@ -488,11 +493,9 @@ def train_step(batches):
     clip = grad_clip_late if grad_clip_late_step and step >= grad_clip_late_step else grad_clip
     norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), clip if clip > 0 else float("inf"))
     factor = lr_factor(step, lr_decay_iters or max_iters, warmup_iters, lr_schedule, min_lr_frac, decay_frac)
-    for step_opt, lrs in zip(optimizers, base_lrs, strict=True):
-        for group, lr in zip(step_opt.param_groups, lrs, strict=True):
-            group["lr"] = lr * factor
-    for step_opt in optimizers:
-        step_opt.step()
+    set_learning_rates(optimizers, base_lrs, factor)
+    for opt in optimizers:
+        opt.step()
     return loss_sum / grad_accum, norm, factor
 
 
@@ -513,26 +516,6 @@ if bench:  # training steps on fixed random tokens: the model and optimizer alon
               f"median step {dt * 1000:.1f} ms, {tps:,.0f} tokens/s, MFU {mfu(tps):.1%}")
     sys.exit(0)
 
-loader = BatchLoader(data_dir, "train", batch_size, block_size, seed=seed, rank=rank, world_size=world_size,
-                     mode=loader_mode, device=device)
-val_data = ValData(data_dir, batch_size, block_size, val_tokens, rank=rank, world_size=world_size, device=device)
-if ckpt is not None:
-    loader.load_state_dict(ckpt["loader"])
-    log.print(f"resumed from {out_dir}/ckpt.pt at step {step}")
-del ckpt
-log.print(f"data: {data_dir}, {int(loader.reader.starts[-1]):,} train tokens in {len(loader.reader.files)} shards, "
-          f"{val_data.tokens:,} val tokens")
-hellaswag = None
-if hellaswag_interval > 0 and os.path.exists(hellaswag_file):
-    from eval_hellaswag import hellaswag_score, load_hellaswag
-
-    hellaswag = load_hellaswag(hellaswag_file, limit=hellaswag_limit)
-wandb = None
-if wandb_log and master:
-    import wandb
-
-    wandb.init(project=wandb_project, name=wandb_run_name or None, config=config)
-
 
 @torch.no_grad()
 def evaluate():
@@ -550,23 +533,12 @@ def evaluate():
 
 
 def write_checkpoint():
-    if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
-        log.print(f"step {step}: non-finite weights, not saved; the last good checkpoint is {out_dir}/ckpt.pt")
-        sys.exit(1)
-    if master:
-        save_checkpoint({
-            "model": raw_model.state_dict(), "model_config": asdict(raw_model.config), "chat": False,
-            "optimizers": [opt.state_dict() for opt in optimizers], "config": config, "step": step,
-            "best_val_loss": best_val_loss, "rng": rng_states(), "loader": loader.state_dict(),
-        }, out_dir, step, keep_last)
-        log.print(f"step {step}: checkpoint written to {out_dir}/ckpt.pt")
+    write_training_checkpoint(log, out_dir, keep_last, master, raw_model, chat=False, optimizers=optimizers,
+                              loader=loader, config=config, step=step, best_val_loss=best_val_loss)
 
-
-stop_signal = []  # SIGINT/SIGTERM: finish the current step, checkpoint, exit cleanly
-for sig in (signal.SIGINT, signal.SIGTERM):
-    signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
 
 # ----------------------------------------------------------------------------- training loop
+stop_requested = StopRequest()
 start_step = step  # a resumed run does not rewrite the checkpoint it started from
 tokens_since, time_since = 0, time.perf_counter()
 while True:
@@ -581,7 +553,7 @@ while True:
                                                   world_size=world_size)["acc_norm"]
     if master and sample_interval > 0 and step > 0 and (step % sample_interval == 0 or last):
         enc = get_tokenizer()
-        prompt = torch.tensor([enc.encode_ordinary(sample_prompt)], device=device)
+        prompt = torch.tensor([[EOT, *enc.encode_ordinary(sample_prompt)]], device=device)
         with autocast:
             out = [t.item() for t in raw_model.generate(prompt, sample_tokens, temperature=0.8, top_k=200)]
         log.print(f"step {step} sample: {sample_prompt}{enc.decode(out)!r}")
@@ -595,33 +567,22 @@ while True:
     if step > start_step and step % checkpoint_interval == 0:
         write_checkpoint()
 
-    batches = (loader.next_batch() for _ in range(grad_accum))
-    loss, norm, factor = train_step(batches)
+    loss, norm, factor = train_step(loader.next_batch() for _ in range(grad_accum))
     step += 1
     tokens_since += total_batch_size
     loss_value, norm_value = loss.item(), norm.item()  # one sync per step: catches a NaN before it is saved
-    if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-        log.print(f"step {step}: loss {loss_value}, grad norm {norm_value}: stopping; the last good checkpoint "
-                  f"is {out_dir}/ckpt.pt (try a lower learning rate or grad_clip)")
-        sys.exit(1)
+    stop_if_not_finite(log, out_dir, step, loss_value, norm_value)
     if step % log_interval == 0 or step == max_iters:
-        dt = time.perf_counter() - time_since
-        tps = tokens_since / dt
-        param_norm = torch.sqrt(sum(p.detach().float().square().sum() for p in raw_model.parameters())).item()
+        tps = tokens_since / (time.perf_counter() - time_since)
         rec = {"step": step, "loss": loss_value, "lr": learning_rate * factor, "grad_norm": norm_value,
-               "param_norm": param_norm, "tokens_per_sec": tps, "mfu": mfu(tps)}
+               "param_norm": param_norm(raw_model), "tokens_per_sec": tps, "mfu": mfu(tps)}
         log.print(f"step {step}/{max_iters}: loss {loss_value:.4f}, lr {rec['lr']:.2e}, grad norm {norm_value:.3f}, "
-                  f"param norm {param_norm:.1f}, {tps:,.0f} tok/s, MFU {rec['mfu']:.1%}")
+                  f"param norm {rec['param_norm']:.1f}, {tps:,.0f} tok/s, MFU {rec['mfu']:.1%}")
         log.metrics(rec)
         if wandb:
             wandb.log(rec, step=step)
         tokens_since, time_since = 0, time.perf_counter()
-    stop = bool(stop_signal)
-    if ddp:  # every rank stops at the same step, or the others would wait forever in all_reduce
-        flag = torch.tensor(float(stop), device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stop = bool(flag.item())
-    if stop:
+    if stop_requested(ddp, device):
         log.print(f"step {step}: interrupted by signal")
         break
 

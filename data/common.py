@@ -5,6 +5,8 @@ llm.c-style .bin token shards, the batch loaders, and the small run plumbing
 otherwise each write again. The model itself lives in each stage script.
 """
 
+import contextlib
+import dataclasses
 import difflib
 import functools
 import json
@@ -12,6 +14,7 @@ import math
 import os
 import platform
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -372,12 +375,26 @@ def script_defaults(namespace):
 # devices, schedules, checkpoints, run logs
 
 
-def autodetect_device():
+def pick_device(device="auto"):
+    """The device to run on: `device` itself, or for "auto" the best one here (cuda > mps > cpu)."""
+    if device != "auto":
+        return device
     if torch.cuda.is_available():
         return "cuda"
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+def pick_autocast(device, dtype="auto"):
+    """(dtype, context) for the forward passes: "auto" is bfloat16 autocast on CUDA, float32 elsewhere."""
+    if dtype == "auto":
+        dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
+    if dtype not in ("bfloat16", "float32"):
+        raise UserError(f"--dtype={dtype}: use bfloat16 or float32")
+    if dtype == "float32":
+        return dtype, contextlib.nullcontext()
+    return dtype, torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 def lr_factor(step, max_iters, warmup_iters, schedule="cosine", min_lr_frac=0.1, decay_frac=0.2):
@@ -524,6 +541,90 @@ class RunLog:
             return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# the training loop's plumbing, shared by train_gpt.py and finetune_sft.py
+
+
+def init_distributed(device):
+    """Join the process group when launched by torchrun; returns (ddp, rank, world_size, device)."""
+    device = pick_device(device)
+    if "RANK" not in os.environ:
+        return False, 0, 1, device
+    import torch.distributed as dist
+
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    return True, dist.get_rank(), dist.get_world_size(), device
+
+
+def set_learning_rates(optimizers, base_lrs, factor):
+    """Every param group at its base learning rate (from this run's settings) times the schedule's factor."""
+    for opt, lrs in zip(optimizers, base_lrs, strict=True):
+        for group, lr in zip(opt.param_groups, lrs, strict=True):
+            group["lr"] = lr * factor
+
+
+def param_norm(model):
+    return torch.sqrt(sum(p.detach().float().square().sum() for p in model.parameters())).item()
+
+
+def restore_training_state(ckpt, optimizers, optimizer, path):
+    """Load a checkpoint's optimizer states and RNGs into this run; returns (step, best_val_loss)."""
+    if ckpt["config"]["optimizer"] != optimizer:
+        raise UserError(f"{path} was trained with optimizer={ckpt['config']['optimizer']}; "
+                        f"resume with --optimizer={ckpt['config']['optimizer']}")
+    for opt, state in zip(optimizers, ckpt["optimizers"], strict=True):
+        opt.load_state_dict(state)
+    set_rng_states(ckpt["rng"])
+    return ckpt["step"], ckpt["best_val_loss"]
+
+
+def write_training_checkpoint(log, out_dir, keep_last, master, model, **state):
+    """Checkpoint everything a run needs to continue exactly (state: optimizers, loader, step, ...).
+    Blown-up weights are never saved over a good checkpoint: the fp32 norm overflows once any
+    weight passes ~1e19, so this catches those as well as inf and NaN."""
+    step = state["step"]
+    if not math.isfinite(param_norm(model)):
+        log.print(f"step {step}: non-finite weight norm, not saved; the last good checkpoint is {out_dir}/ckpt.pt")
+        sys.exit(1)
+    if master:
+        state["optimizers"] = [opt.state_dict() for opt in state["optimizers"]]
+        state["loader"] = state["loader"].state_dict()
+        save_checkpoint({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+                         "rng": rng_states(), **state}, out_dir, step, keep_last)
+        log.print(f"step {step}: checkpoint written to {out_dir}/ckpt.pt")
+
+
+def stop_if_not_finite(log, out_dir, step, loss, grad_norm):
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        log.print(f"step {step}: loss {loss}, grad norm {grad_norm}: stopping; the last good checkpoint "
+                  f"is {out_dir}/ckpt.pt (try a lower learning rate or grad_clip)")
+        sys.exit(1)
+
+
+class StopRequest:
+    """SIGINT/SIGTERM ask the loop to finish its step, checkpoint and exit cleanly, instead of dying mid-write."""
+
+    def __init__(self):
+        self.signals = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda signum, frame: self.signals.append(signum))
+
+    def __call__(self, ddp, device):
+        """True when a signal came; under DDP when one came to any rank, so all stop at the same step
+        (one rank leaving alone would leave the others waiting in all_reduce forever)."""
+        stop = bool(self.signals)
+        if ddp:
+            import torch.distributed as dist
+
+            flag = torch.tensor(float(stop), device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        return stop
 
 
 # -----------------------------------------------------------------------------
