@@ -15,7 +15,6 @@ data/hellaswag/hellaswag_val.jsonl, unless --data points at a copy.
 Settings: the block below, then --key=value (or --key value).
 """
 
-import contextlib
 import json
 import math
 import os
@@ -35,10 +34,11 @@ from data.common import (
     REPO_ROOT,
     VOCAB_SIZE,
     UserError,
-    autodetect_device,
     get_tokenizer,
     load_checkpoint,
     parse_config,
+    pick_autocast,
+    pick_device,
     resolve_checkpoint,
     script_defaults,
 )
@@ -478,12 +478,8 @@ def main(argv=None):
         raise UserError(f"--batch_size={cfg.batch_size}: must be at least 1")
     if cfg.limit < 0:
         raise UserError(f"--limit={cfg.limit}: must be 0 (all examples) or more")
-    device = autodetect_device() if cfg.device == "auto" else cfg.device
-    dtype = ("bfloat16" if device.startswith("cuda") else "float32") if cfg.dtype == "auto" else cfg.dtype
-    if dtype not in ("bfloat16", "float32"):
-        raise UserError(f"--dtype={dtype}: use bfloat16 or float32")
-    autocast = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if dtype == "bfloat16"
-                else contextlib.nullcontext())
+    device = pick_device(cfg.device)
+    dtype, autocast = pick_autocast(device, cfg.dtype)
 
     path = hellaswag_path(cfg.data)
     examples = load_hellaswag(path, cfg.limit)

@@ -14,7 +14,6 @@ Settings: the block below, then --key=value (or --key value); a bare word is the
 """
 
 import codecs
-import contextlib
 import math
 import sys
 from dataclasses import dataclass
@@ -30,11 +29,12 @@ from data.common import (
     EOT,
     VOCAB_SIZE,
     UserError,
-    autodetect_device,
     chat_prompt,
     get_tokenizer,
     load_checkpoint,
     parse_config,
+    pick_autocast,
+    pick_device,
     resolve_checkpoint,
     script_defaults,
 )
@@ -387,12 +387,8 @@ def main(argv=None):
         if not Path(cfg.prompt_file).is_file():
             raise UserError(f"--prompt_file={cfg.prompt_file}: file not found")
         cfg.prompt = Path(cfg.prompt_file).read_text(encoding="utf-8")
-    device = autodetect_device() if cfg.device == "auto" else cfg.device
-    dtype = ("bfloat16" if device.startswith("cuda") else "float32") if cfg.dtype == "auto" else cfg.dtype
-    if dtype not in ("bfloat16", "float32"):
-        raise UserError(f"--dtype={dtype}: use bfloat16 or float32")
-    autocast = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if dtype == "bfloat16"
-                else contextlib.nullcontext())
+    device = pick_device(cfg.device)
+    _, autocast = pick_autocast(device, cfg.dtype)
 
     path = resolve_checkpoint(cfg.ckpt)
     checkpoint = load_checkpoint(path, "cpu")  # on the CPU: the optimizer state stays off the GPU

@@ -9,7 +9,6 @@ Inference speed of the stage scripts' code paths, on random weights (speed does 
 Settings: the block below, then --key=value (or --key value).
 """
 
-import contextlib
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the stage scr
 
 import torch  # noqa: E402
 
-from data.common import UserError, autodetect_device, parse_config, script_defaults  # noqa: E402
+from data.common import UserError, parse_config, pick_autocast, pick_device, script_defaults  # noqa: E402
 from eval_hellaswag import GPT, GPTConfig, hellaswag_path, hellaswag_score, load_hellaswag  # noqa: E402
 
 # ----------------------------------------------------------------------------- settings
@@ -35,12 +34,9 @@ arch = "gpt2"  # "gpt2" or "llama"
 cfg = parse_config(script_defaults(globals()), sys.argv[1:])
 globals().update(cfg)
 
-device = autodetect_device() if device == "auto" else device
+device = pick_device(device)
 cuda = device.startswith("cuda")
-if dtype == "auto":
-    dtype = "bfloat16" if cuda else "float32"
-autocast = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if dtype == "bfloat16"
-            else contextlib.nullcontext())
+dtype, autocast = pick_autocast(device, dtype)
 torch.set_float32_matmul_precision("high")
 hellaswag_model = hellaswag_model or ("12x768" if cuda else "6x384")
 decode_models = decode_models or ("12x768" if cuda else "6x384,12x768")
