@@ -434,7 +434,8 @@ step, best_val_loss = 0, float("inf")
 if resume:
     step, best_val_loss = restore_training_state(ckpt, optimizers, optimizer, ckpt_path)
 
-log = RunLog(out_dir, __file__, config, resume_step=step if resume else None, enabled=master)
+log = RunLog(out_dir, __file__, config, resume_step=step if resume else None, enabled=master,
+             wandb_project=wandb_project if wandb_log else "")
 n_params = sum(p.numel() for p in raw_model.parameters())
 log.print(f"model: {n_params / 1e6:.1f}M parameters from {ckpt_path} | device {device} {dtype} | {world_size} "
           f"rank(s) x {grad_accum} micro-steps x {batch_size} examples of <= {block_size + 1} tokens")
@@ -458,13 +459,6 @@ if hellaswag:
     from eval_hellaswag import hellaswag_score, load_hellaswag
 
     hellaswag_examples = load_hellaswag(hellaswag_file, limit=hellaswag_limit)
-wandb = None
-if wandb_log and master:
-    import wandb
-
-    wandb.init(project=wandb_project, name=wandb_run_name or None, config=config)
-
-
 def train_step(batches):
     """One optimizer step over the micro-batches: returns (loss, grad norm before clipping, lr factor).
 
@@ -548,8 +542,6 @@ while True:
     if record:
         log.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items()))
         log.metrics({"step": step, **record})
-        if wandb:
-            wandb.log(record, step=step)
     if last:
         break
     if step > start_step and step % checkpoint_interval == 0:
@@ -568,8 +560,6 @@ while True:
         log.print(f"step {step}/{max_iters}: loss {loss_value:.4f}, lr {rec['lr']:.2e}, grad norm {norm_value:.3f}, "
                   f"param norm {rec['param_norm']:.1f}, {rec['tokens_per_sec']:,.0f} tok/s")
         log.metrics(rec)
-        if wandb:
-            wandb.log(rec, step=step)
         tokens_since, time_since = 0, time.perf_counter()
     if stop_requested(ddp, device):
         log.print(f"step {step}: interrupted by signal")

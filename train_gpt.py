@@ -452,7 +452,7 @@ if ckpt is not None:
 del ckpt
 
 log = RunLog(out_dir, __file__, config, resume_step=step if init_from == "resume" else None,
-             enabled=master and not bench)
+             enabled=master and not bench, wandb_project=wandb_project if wandb_log else "")
 flops_per_token = raw_model.flops_per_token()
 if peak_flops == 0 and device_type == "cuda":
     name = torch.cuda.get_device_name(device)
@@ -464,13 +464,6 @@ log.print(f"model: {n_params / 1e6:.1f}M parameters, {flops_per_token / 1e6:.0f}
 if not bench:
     log.print(f"data: {data_dir}, {int(loader.reader.starts[-1]):,} train tokens in {len(loader.reader.files)} "
               f"shards, {val_data.tokens:,} val tokens" + (f"; resumed at step {step}" if step else ""))
-wandb = None
-if wandb_log and master and not bench:
-    import wandb
-
-    wandb.init(project=wandb_project, name=wandb_run_name or None, config=config)
-
-
 def mfu(tokens_per_sec):
     """Model FLOPs utilisation: achieved training FLOP/s over the GPU's peak (0 where the peak is unknown)."""
     return flops_per_token * tokens_per_sec / (peak_flops * world_size) if peak_flops else 0.0
@@ -560,8 +553,6 @@ while True:
     if record:
         log.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items()))
         log.metrics({"step": step, **record})
-        if wandb:
-            wandb.log(record, step=step)
     if last:
         break
     if step > start_step and step % checkpoint_interval == 0:
@@ -579,8 +570,6 @@ while True:
         log.print(f"step {step}/{max_iters}: loss {loss_value:.4f}, lr {rec['lr']:.2e}, grad norm {norm_value:.3f}, "
                   f"param norm {rec['param_norm']:.1f}, {tps:,.0f} tok/s, MFU {rec['mfu']:.1%}")
         log.metrics(rec)
-        if wandb:
-            wandb.log(rec, step=step)
         tokens_since, time_since = 0, time.perf_counter()
     if stop_requested(ddp, device):
         log.print(f"step {step}: interrupted by signal")

@@ -507,8 +507,8 @@ class RunLog:
     script's source. On resume from `resume_step`, metrics logged after that step by the
     interrupted run are dropped, since the resumed run logs those steps again."""
 
-    def __init__(self, out_dir, script, config, resume_step=None, enabled=True):
-        self.out_dir, self.enabled = Path(out_dir), enabled
+    def __init__(self, out_dir, script, config, resume_step=None, enabled=True, wandb_project=""):
+        self.out_dir, self.enabled, self.wandb = Path(out_dir), enabled, None
         self.metrics_path, self.log_path = self.out_dir / "metrics.jsonl", self.out_dir / "log.txt"
         if not enabled:
             return
@@ -528,6 +528,11 @@ class RunLog:
         self.print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
         self.print(versions())
         self.print("config: " + json.dumps(config))
+        if wandb_project:  # offline too: WANDB_MODE=offline
+            import wandb
+
+            self.wandb = wandb
+            wandb.init(project=wandb_project, name=config.get("wandb_run_name") or None, config=config)
 
     def print(self, text):
         if not self.enabled:
@@ -537,10 +542,13 @@ class RunLog:
             f.write(text + "\n")
 
     def metrics(self, record):
+        """Append one record ({"step": ..., ...}) to metrics.jsonl, and to wandb when it is on."""
         if not self.enabled:
             return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.wandb:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
 
 # -----------------------------------------------------------------------------
