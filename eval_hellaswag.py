@@ -195,9 +195,13 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx, targets=None, cache=None):
+    def forward(self, idx, targets=None, cache=None, logits_at=None):
         """idx (B, T) token ids -> logits (B, T, vocab) and, given targets, the mean cross-entropy
-        over the targets that are not -1 (0 when none are, so an all-masked batch adds no NaN)."""
+        over the targets that are not -1 (0 when none are, so an all-masked batch adds no NaN).
+
+        logits_at indexes the (B, T) positions whose logits are wanted (a boolean mask, or
+        `(slice(None), [-1])` for the last): the vocab projection is most of a small model's
+        inference cost, and sampling or scoring needs it at a few positions only."""
         B, T = idx.shape
         pos = cache.pos if cache is not None else 0
         if pos + T > self.config.block_size:
@@ -212,6 +216,8 @@ class GPT(nn.Module):
             x = block(x, rope, cache)
         if cache is not None:
             cache.pos += T
+        if logits_at is not None:
+            x = x[logits_at]
         logits = self.lm_head(self.transformer.ln_f(x))
         if self.config.logit_softcap > 0:
             logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
@@ -257,11 +263,12 @@ class GPT(nn.Module):
         cache is rebuilt from that window: both paths give the same tokens."""
         cache = None
         for _ in range(max_new_tokens):
+            last = (slice(None), [-1])
             if not use_cache:
-                logits, _ = self(idx[:, -self.config.block_size :])
+                logits, _ = self(idx[:, -self.config.block_size :], logits_at=last)
             elif cache is None or cache.pos == self.config.block_size:
                 cache = KVCache(self.config.n_layer)
-                logits, _ = self(idx[:, -self.config.block_size :], cache=cache)
+                logits, _ = self(idx[:, -self.config.block_size :], cache=cache, logits_at=last)
             else:
                 logits, _ = self(idx[:, -1:], cache=cache)
             next_token = sample_logits(logits[:, -1, :], temperature, top_k, top_p, generator)
@@ -438,10 +445,10 @@ def ending_losses(model, rows, device):
         x[i, : len(tokens) - 1] = tokens[:-1]
         y[i, : len(tokens) - 1] = np.where(mask[1:], tokens[1:], -1)
     x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
-    logits, _ = model(x)
     scored = y != -1
+    logits, _ = model(x, logits_at=scored)  # (number of ending tokens, vocab): no logits for the context
     losses = torch.zeros(y.shape, device=device)
-    losses[scored] = F.cross_entropy(logits[scored].float(), y[scored], reduction="none")
+    losses[scored] = F.cross_entropy(logits.float(), y[scored], reduction="none")
     total = losses.sum(dim=1)
     return total, total / scored.sum(dim=1)
 

@@ -194,9 +194,13 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx, targets=None, cache=None):
+    def forward(self, idx, targets=None, cache=None, logits_at=None):
         """idx (B, T) token ids -> logits (B, T, vocab) and, given targets, the mean cross-entropy
-        over the targets that are not -1 (0 when none are, so an all-masked batch adds no NaN)."""
+        over the targets that are not -1 (0 when none are, so an all-masked batch adds no NaN).
+
+        logits_at indexes the (B, T) positions whose logits are wanted (a boolean mask, or
+        `(slice(None), [-1])` for the last): the vocab projection is most of a small model's
+        inference cost, and sampling or scoring needs it at a few positions only."""
         B, T = idx.shape
         pos = cache.pos if cache is not None else 0
         if pos + T > self.config.block_size:
@@ -211,6 +215,8 @@ class GPT(nn.Module):
             x = block(x, rope, cache)
         if cache is not None:
             cache.pos += T
+        if logits_at is not None:
+            x = x[logits_at]
         logits = self.lm_head(self.transformer.ln_f(x))
         if self.config.logit_softcap > 0:
             logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
@@ -256,11 +262,12 @@ class GPT(nn.Module):
         cache is rebuilt from that window: both paths give the same tokens."""
         cache = None
         for _ in range(max_new_tokens):
+            last = (slice(None), [-1])
             if not use_cache:
-                logits, _ = self(idx[:, -self.config.block_size :])
+                logits, _ = self(idx[:, -self.config.block_size :], logits_at=last)
             elif cache is None or cache.pos == self.config.block_size:
                 cache = KVCache(self.config.n_layer)
-                logits, _ = self(idx[:, -self.config.block_size :], cache=cache)
+                logits, _ = self(idx[:, -self.config.block_size :], cache=cache, logits_at=last)
             else:
                 logits, _ = self(idx[:, -1:], cache=cache)
             next_token = sample_logits(logits[:, -1, :], temperature, top_k, top_p, generator)
