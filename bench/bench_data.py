@@ -1,10 +1,11 @@
 """
 Throughput of the data pipeline on this machine:
-  1. data/fineweb_edu.py (default --num_proc) on the Python 3.11 docs corpus (~3.5M tokens),
-     next to plain single-process tiktoken encode_ordinary_batch(num_threads=1) on the same texts
-     (best of 3 runs each);
-  2. BatchLoader random batches (B=64, T=1024) over shards made from that corpus, with the
-     process RSS before and after 10,000 batches (it must not grow with the tokens read).
+  1. data/fineweb_edu.py (default --num_proc, then 1) on the Python 3.11 docs corpus (~3.5M
+     tokens), next to plain single-process tiktoken encode_ordinary_batch(num_threads=1) on the
+     same texts (best of 3 runs each);
+  2. BatchLoader random batches (B=64, T=1024) over shards made from that corpus, with torch's
+     default threads and with 1, and the process RSS before and after 10,000 batches (it must
+     not grow with the tokens read).
 
     python bench/bench_data.py
 """
@@ -24,6 +25,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(REPO.parent / "shared" / "tiktoken_cache"))
 
 import tiktoken  # noqa: E402
+import torch  # noqa: E402
 
 from data.common import BatchLoader, get_tokenizer  # noqa: E402
 from data.fineweb_edu import main as prep  # noqa: E402
@@ -76,19 +78,22 @@ def main():
             print(f"data/fineweb_edu.py --num_proc {num_proc} (read, tokenize, split, write shards): {tokens:,} tokens "
                   f"in {elapsed:.2f}s = {rate / 1e6:.2f}M tokens/s = {rate * base_s / base_tokens:.2f}x plain tiktoken")
 
-        loader = BatchLoader(out_dir, "train", B, T, seed=0)
-        loader.next_batch()  # open the shard files before measuring
-        before = rss_mib()
-        t0 = time.perf_counter()
-        for _ in range(BATCHES):
-            loader.next_batch()
-        elapsed = time.perf_counter() - t0
-        after = rss_mib()
-        print(f"BatchLoader random B={B} T={T} over {len(loader.reader.files)} train shards "
-              f"({int(loader.reader.starts[-1]):,} tokens): {BATCHES:,} batches in {elapsed:.2f}s = "
-              f"{BATCHES * B * T / elapsed / 1e6:.1f}M tokens/s ({elapsed / BATCHES * 1e3:.3f} ms/batch)")
-        print(f"RSS before {before:.1f} MiB, after {BATCHES:,} batches {after:.1f} MiB ({after - before:+.1f} MiB)")
-
+        # torch's intra-op threads do _to_device's copies; on a busy machine their wake-ups dominate, so show both
+        for threads in (torch.get_num_threads(), 1):
+            torch.set_num_threads(threads)
+            loader = BatchLoader(out_dir, "train", B, T, seed=0)
+            loader.next_batch()  # open the shard files before measuring
+            before = rss_mib()
+            t0 = time.perf_counter()
+            for _ in range(BATCHES):
+                loader.next_batch()
+            elapsed = time.perf_counter() - t0
+            after = rss_mib()
+            print(f"BatchLoader random B={B} T={T}, torch threads {threads}, {len(loader.reader.files)} train shards "
+                  f"({int(loader.reader.starts[-1]):,} tokens): {BATCHES:,} batches in {elapsed:.2f}s = "
+                  f"{BATCHES * B * T / elapsed / 1e6:.1f}M tokens/s ({elapsed / BATCHES * 1e3:.3f} ms/batch); "
+                  f"RSS {before:.1f} MiB before, {after:.1f} MiB after ({after - before:+.1f} MiB)")
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 if __name__ == "__main__":
     main()
