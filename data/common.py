@@ -97,8 +97,10 @@ def write_shard(path, tokens):
     """Write a shard atomically: a temp file renamed into place, so no half-written shard survives a crash."""
     path = Path(path)
     tokens = np.asarray(tokens)
-    assert len(tokens) < 2**31, "a shard holds at most 2**31 - 1 tokens (its count is an int32)"
-    assert tokens.size == 0 or (tokens.min() >= 0 and tokens.max() < 2**16), "token ids must fit in uint16"
+    if len(tokens) >= 2**31:
+        raise ValueError("a shard holds at most 2**31 - 1 tokens (its count is an int32)")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
+        raise ValueError("token ids must fit in uint16")
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[:3] = MAGIC, VERSION, len(tokens)
     tmp = path.with_name(path.name + ".tmp")
@@ -155,11 +157,11 @@ def list_shards(data_dir, split):
 
 def _to_device(buf, device):
     """uint16 (N, T+1) windows -> int64 x, y on device (torch has no uint16 arithmetic)."""
-    t = torch.from_numpy(buf.astype(np.int64))
-    x, y = t[:, :-1], t[:, 1:]
+    # numpy makes the contiguous int64 copies: torch's threaded copy kernels stall on a busy CPU
+    x, y = torch.from_numpy(buf[:, :-1].astype(np.int64)), torch.from_numpy(buf[:, 1:].astype(np.int64))
     if torch.device(device).type == "cuda":  # pin_memory raises on a machine without CUDA
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.contiguous().to(device), y.contiguous().to(device)
+    return x.to(device), y.to(device)
 
 
 class ShardReader:
