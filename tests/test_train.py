@@ -14,6 +14,8 @@ import torch
 from helpers import REPO_ROOT as ROOT
 from helpers import load_model_namespace
 
+from data.common import lr_factor
+
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 NS = load_model_namespace(ROOT / "train_gpt.py")
@@ -71,6 +73,14 @@ def test_overfits_one_batch(arch, optimizer):
             opt.step()
             opt.zero_grad()
     assert loss.item() < 0.5
+
+
+def test_lr_schedules():
+    cosine = [lr_factor(s, 100, 10, "cosine", 0.1) for s in range(101)]
+    assert cosine[0] == pytest.approx(0.1) and cosine[9] == 1.0 and cosine[100] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(cosine[9:-1], cosine[10:], strict=True))  # never rises after warmup
+    wsd = [lr_factor(s, 100, 10, "wsd", 0.0, decay_frac=0.2) for s in range(101)]
+    assert wsd[10:81] == [1.0] * 71 and wsd[90] == pytest.approx(0.5) and wsd[100] == 0.0
 
 
 def test_ignored_targets_give_zero_loss_not_nan():
