@@ -43,7 +43,7 @@ from data.common import (
     load_checkpoint,
     lr_factor,
     param_norm,
-    parse_config,
+    parse_run_config,
     pick_autocast,
     resolve_checkpoint,
     restore_training_state,
@@ -99,7 +99,7 @@ dtype = "auto"  # "auto" (bfloat16 autocast on CUDA, float32 elsewhere), "bfloat
 compile = True  # torch.compile the model (CUDA only; pass --compile=False on Windows)
 seed = 1337
 
-config = parse_config(script_defaults(globals()), sys.argv[1:])
+config = parse_run_config(script_defaults(globals()), sys.argv[1:])
 globals().update(config)
 
 # ----------------------------------------------------------------------------- model

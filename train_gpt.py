@@ -36,7 +36,7 @@ from data.common import (
     load_checkpoint,
     lr_factor,
     param_norm,
-    parse_config,
+    parse_run_config,
     pick_autocast,
     restore_training_state,
     script_defaults,
@@ -103,7 +103,7 @@ peak_flops = 0.0  # the GPU's dense bf16 FLOP/s for MFU; 0 = look it up in PEAK_
 bench = False  # time bench_steps training steps on random tokens (no data, no checkpoints), then exit
 bench_steps = 20
 
-config = parse_config(script_defaults(globals()), sys.argv[1:])
+config = parse_run_config(script_defaults(globals()), sys.argv[1:])
 globals().update(config)
 
 PEAK_FLOPS = {  # dense bf16 tensor-core FLOP/s by GPU name; the first match wins
@@ -471,6 +471,8 @@ log.print(f"model: {n_params / 1e6:.1f}M parameters, {flops_per_token / 1e6:.0f}
 if not bench:
     log.print(f"data: {data_dir}, {int(loader.reader.starts[-1]):,} train tokens in {len(loader.reader.files)} "
               f"shards, {val_data.tokens:,} val tokens" + (f"; resumed at step {step}" if step else ""))
+
+
 def mfu(tokens_per_sec):
     """Model FLOPs utilisation: achieved training FLOP/s over the GPU's peak (0 where the peak is unknown)."""
     return flops_per_token * tokens_per_sec / (peak_flops * world_size) if peak_flops else 0.0

@@ -366,6 +366,20 @@ def parse_config(defaults, argv, positional=None):
     return config
 
 
+def parse_run_config(defaults, argv):
+    """parse_config for the training scripts. With --init_from=resume the run's own settings
+    (out_dir/config.json) stand in for the script's defaults, so a bare
+    `--out_dir=DIR --init_from=resume` continues the same run; config files and flags on the
+    command line still override them."""
+    config = parse_config(defaults, argv)
+    saved = Path(config["out_dir"]) / "config.json"
+    if config["init_from"] == "resume" and saved.is_file():
+        stored = json.loads(saved.read_text())
+        kept = {k: v for k, v in stored.items() if k in defaults and type(v) is type(defaults[k])}
+        config = parse_config({**defaults, **kept}, argv)
+    return config
+
+
 def script_defaults(namespace):
     """The settings block of a script: its lower-case module-level int/float/bool/str names, in
     order (upper-case names such as VOCAB_SIZE are constants, not settings)."""

@@ -166,7 +166,9 @@ def test_resume_continues_bitwise_after_a_shorter_run_and_after_sigint(shards, t
     expected = train_records(tmp_path / "full")
 
     train(shards, tmp_path / "short", "--max_iters=3", schedule)
-    train(shards, tmp_path / "short", "--max_iters=8", schedule, "--init_from=resume")
+    # a bare resume: the run's saved settings, not the script's defaults, fill in what is not given
+    subprocess.run([sys.executable, "train_gpt.py", f"--out_dir={tmp_path / 'short'}", "--init_from=resume",
+                    "--max_iters=8"], cwd=ROOT, check=True, capture_output=True)
     assert train_records(tmp_path / "short") == expected
 
     out = tmp_path / "interrupted"
