@@ -5,7 +5,9 @@ stage script. These helpers read that text from any script and run it on its own
 build the GPT of train_gpt.py or finetune_sft.py without running the script's training code.
 """
 
+import json
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -51,3 +53,25 @@ def make_checkpoint(path, arch="gpt2", chat=False, seed=0, script=REPO_ROOT / "t
     torch.save({"model": model.state_dict(), "model_config": asdict(model.config), "chat": chat, "optimizers": [],
                 "config": {"arch": arch}, "step": 0, "best_val_loss": float("inf")}, path)
     return model
+
+
+def metrics(out_dir):
+    """The records of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_records(out_dir):
+    """The deterministic part of each logged training step (timings differ between runs)."""
+    return [(r["step"], r["loss"], r["grad_norm"], r["param_norm"]) for r in metrics(out_dir) if "loss" in r]
+
+
+def wait_for_steps(out_dir, n, timeout=120):
+    """Wait until a running training script has logged n steps (complete lines only: it may be
+    halfway through writing one)."""
+    path, deadline = Path(out_dir) / "metrics.jsonl", time.time() + timeout
+    while time.time() < deadline:
+        text = path.read_text() if path.exists() else ""
+        if text[: text.rfind("\n") + 1].count('"loss"') >= n:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{path}: fewer than {n} steps logged after {timeout} s")

@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from helpers import REPO_ROOT as ROOT  # noqa: E402
-from helpers import load_model_namespace, make_checkpoint  # noqa: E402
+from helpers import load_model_namespace, make_checkpoint, metrics, train_records, wait_for_steps  # noqa: E402
 
 from data.common import (  # noqa: E402
     ASSISTANT,
@@ -334,15 +333,6 @@ def finetune(*cmd_args):
     finish(start(*cmd_args))
 
 
-def metrics(out_dir):
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def train_records(out_dir):
-    """The deterministic part of each logged step (timings differ between runs)."""
-    return [(r["step"], r["loss"], r["grad_norm"], r["param_norm"]) for r in metrics(out_dir) if "loss" in r]
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A random tiny model saved in train_gpt.py's checkpoint format (smoke shape)."""
@@ -438,9 +428,7 @@ def test_replies_cut_off_by_block_size_give_zero_loss_and_sigterm_checkpoints(ba
     # block_size=4: <|endoftext|><|user|> and 3 prompt tokens; every reply is cut off
     proc = subprocess.Popen(finetune_cmd(base, data, out, "--block_size=4", "--max_iters=10000", "--log_interval=1"),
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
-    deadline = time.time() + 120
-    while time.time() < deadline and (not (out / "metrics.jsonl").exists() or len(train_records(out)) < 2):
-        time.sleep(0.05)
+    wait_for_steps(out, 2)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0, proc.stderr.read()
     records = train_records(out)

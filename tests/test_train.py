@@ -7,12 +7,11 @@ import math
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from helpers import REPO_ROOT as ROOT
-from helpers import load_model_namespace
+from helpers import load_model_namespace, metrics, train_records, wait_for_steps
 
 from data.common import lr_factor
 
@@ -133,15 +132,6 @@ def train(shards, out_dir, *args, check=True):
     return result
 
 
-def metrics(out_dir):
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def train_records(out_dir):
-    """The deterministic part of each logged training step (timings differ between runs)."""
-    return [(r["step"], r["loss"], r["grad_norm"], r["param_norm"]) for r in metrics(out_dir) if "loss" in r]
-
-
 def test_smoke_run_writes_metrics_logs_and_a_weights_only_checkpoint(shards, tmp_path):
     out = tmp_path / "run"
     train(shards, out, "--max_iters=6", "--eval_interval=3", "--sample_interval=3")
@@ -174,13 +164,7 @@ def test_resume_continues_bitwise_after_a_shorter_run_and_after_sigint(shards, t
     out = tmp_path / "interrupted"
     proc = subprocess.Popen(train_cmd(shards, out, "--max_iters=10000", schedule), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    def steps_logged():  # complete lines only: the run may be halfway through writing one
-        text = (out / "metrics.jsonl").read_text() if (out / "metrics.jsonl").exists() else ""
-        return text[: text.rfind("\n") + 1].count('"loss"')
-
-    deadline = time.time() + 120
-    while time.time() < deadline and steps_logged() < 2:
-        time.sleep(0.05)
+    wait_for_steps(out, 2)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 0, proc.stderr.read()
     stopped = torch.load(out / "ckpt.pt", weights_only=True)["step"]
