@@ -441,24 +441,13 @@ step, best_val_loss = 0, float("inf")
 if resume:
     step, best_val_loss = restore_training_state(ckpt, optimizers, optimizer, ckpt_path)
 
-log = RunLog(out_dir, __file__, config, resume_step=step if resume else None, enabled=master,
-             wandb_project=wandb_project if wandb_log else "")
-n_params = sum(p.numel() for p in raw_model.parameters())
-log.print(f"model: {n_params / 1e6:.1f}M parameters from {ckpt_path} | device {device} {dtype} | {world_size} "
-          f"rank(s) x {grad_accum} micro-steps x {batch_size} examples of <= {block_size + 1} tokens")
-
+# data problems surface before anything is written to out_dir
 loader = ExampleLoader(data_dir, "train", batch_size, block_size, seed=seed, rank=rank, world_size=world_size,
                        device=device)
 val_loader = ExampleLoader(data_dir, "val", batch_size, block_size, device=device)
 n_val = min(val_examples or val_loader.n, val_loader.n)
 val_batches = [val_loader.batch(range(i, min(i + batch_size, n_val)))
                for i in range(0, n_val, batch_size)[rank::world_size]]
-if resume:
-    loader.load_state_dict(ckpt["loader"])
-    log.print(f"resumed from {ckpt_path} at step {step}")
-del ckpt
-log.print(f"data: {data_dir}, {loader.n:,} train examples ({len(loader.tokens):,} tokens), {n_val:,} of "
-          f"{val_loader.n:,} val examples scored")
 hellaswag_examples = None
 if hellaswag:
     if not os.path.exists(hellaswag_file):
@@ -466,6 +455,20 @@ if hellaswag:
     from eval_hellaswag import hellaswag_score, load_hellaswag
 
     hellaswag_examples = load_hellaswag(hellaswag_file, limit=hellaswag_limit)
+
+if resume:
+    loader.load_state_dict(ckpt["loader"])
+del ckpt
+
+log = RunLog(out_dir, __file__, config, resume_step=step if resume else None, enabled=master,
+             wandb_project=wandb_project if wandb_log else "")
+n_params = sum(p.numel() for p in raw_model.parameters())
+log.print(f"model: {n_params / 1e6:.1f}M parameters from {ckpt_path} | device {device} {dtype} | {world_size} "
+          f"rank(s) x {grad_accum} micro-steps x {batch_size} examples of <= {block_size + 1} tokens")
+log.print(f"data: {data_dir}, {loader.n:,} train examples ({len(loader.tokens):,} tokens), {n_val:,} of "
+          f"{val_loader.n:,} val examples scored" + (f"; resumed at step {step}" if resume else ""))
+
+
 def train_step(batches):
     """One optimizer step over the micro-batches: returns (loss, grad norm before clipping, lr factor).
 
