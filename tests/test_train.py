@@ -134,13 +134,16 @@ def train(shards, out_dir, *args, check=True):
 
 def test_smoke_run_writes_metrics_logs_and_a_weights_only_checkpoint(shards, tmp_path):
     out = tmp_path / "run"
-    train(shards, out, "--max_iters=6", "--eval_interval=3", "--sample_interval=3")
+    hellaswag = SHARED_DATA / "hellaswag" / "hellaswag_val.jsonl"
+    train(shards, out, "--max_iters=6", "--eval_interval=3", "--sample_interval=3", "--hellaswag_interval=3",
+          f"--hellaswag_file={hellaswag}", "--hellaswag_limit=8")
     records = metrics(out)
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
     assert set(steps[0]) >= {"loss", "lr", "grad_norm", "param_norm", "tokens_per_sec", "mfu"}
     assert steps[-1]["loss"] < steps[0]["loss"]
     assert [r["step"] for r in records if "val_loss" in r] == [0, 3, 6]
+    assert [r["step"] for r in records if 0 <= r.get("hellaswag", -1) <= 1] == [3, 6]
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 6 and ckpt["chat"] is False and ckpt["model_config"]["arch"] == "gpt2"
     assert ckpt["loader"]["position"] == 6 * 2  # 2 micro-batches per step in the smoke config
