@@ -586,4 +586,5 @@ while True:
 
 write_checkpoint()
 if ddp:
+    dist.barrier()  # gloo aborts a rank that leaves while another is still writing the checkpoint
     dist.destroy_process_group()
