@@ -2,9 +2,9 @@
 Fine-tune a pretrained GPT on prompt-response pairs (supervised fine-tuning), so that it answers
 a question put to it in the chat template: one GPU, or several under torchrun.
 
+    python finetune_sft.py configs/sft_smoke.toml --device=cpu            # seconds on a laptop, bundled sample data
     python data/sft_mix.py                                                # once: the mix into data/sft/
     python finetune_sft.py configs/sft.toml --init_from=logs/gpt2_124m    # a train_gpt.py checkpoint or run dir
-    python finetune_sft.py configs/sft_smoke.toml --init_from=logs/smoke --device=cpu   # seconds on a laptop
     python finetune_sft.py --out_dir=logs/sft --init_from=resume          # continue exactly where it stopped
     python sample.py "What is the capital of France?" --ckpt=logs/sft     # ask the result
 
@@ -14,14 +14,14 @@ seeded random order (a new permutation every epoch), right-padded to the longest
 longer than block_size + 1 tokens loses its end.
 
 Settings: the block below, then configs/*.toml files, then --key=value, in that order.
+The sections: settings, model (the same text in every stage script), setup, training loop.
 """
 
 import contextlib
 import math
-import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -29,29 +29,25 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.common import (
-    ASSISTANT,
-    EOT,
-    VOCAB_SIZE,
-    ExampleLoader,
+from data import UserError, one_line_errors
+from data.checkpoint import load_checkpoint, resolve_checkpoint, rng_states, save_checkpoint, set_rng_states
+from data.hellaswag import hellaswag_score, load_hellaswag
+from data.loaders import ExampleLoader
+from data.run import (
     RunLog,
     StopRequest,
-    UserError,
-    chat_prompt,
-    get_tokenizer,
+    changed_settings,
+    check_settings,
     init_distributed,
-    load_checkpoint,
-    lr_factor,
+    lock_run_dir,
     param_norm,
-    parse_run_config,
+    parse_settings,
     pick_autocast,
-    resolve_checkpoint,
-    restore_training_state,
-    script_defaults,
-    set_learning_rates,
-    stop_if_not_finite,
-    write_training_checkpoint,
+    refuse_to_overwrite,
 )
+from data.tokenizer import ASSISTANT, EOT, VOCAB_SIZE, chat_prompt, get_tokenizer
+
+one_line_errors()
 
 # ----------------------------------------------------------------------------- settings
 # model: the architecture and the weights come from the base checkpoint
@@ -73,17 +69,15 @@ muon_momentum = 0.95
 muon_weight_decay = 0.0
 max_iters = 3000  # optimizer steps: 3000 x 64 examples = 192k examples
 warmup_iters = 100  # linear warmup steps
-lr_schedule = "cosine"  # "cosine" to min_lr_frac, or "wsd" (warmup-stable-decay, a trapezoid)
-lr_decay_iters = 0  # step where the schedule ends; 0 = max_iters (set it to resume into a longer run exactly)
+lr_decay_iters = 0  # step where the linear decay ends; 0 = max_iters (set it to resume into a longer run exactly)
 min_lr_frac = 0.0  # final learning rate as a fraction of the peak
-decay_frac = 0.2  # wsd: the last fraction of the run spent decaying
 grad_clip = 1.0  # clip the global gradient norm; 0 = off
 # evaluation, logging, checkpoints
 out_dir = "logs/sft"
 log_interval = 10  # steps between metrics.jsonl records
 eval_interval = 250  # steps between val loss measurements
-hellaswag = False  # score HellaSwag before and after fine-tuning (needs hellaswag_file and eval_hellaswag.py)
-hellaswag_file = "data/hellaswag/hellaswag_val.jsonl"
+hellaswag = False  # score HellaSwag before and after fine-tuning
+hellaswag_file = "data/hellaswag/hellaswag_val.jsonl"  # python eval_hellaswag.py downloads it there
 hellaswag_limit = 0  # score only the first N examples; 0 = all 10,042
 sample_interval = 250  # steps between greedy replies to sample_prompt (also at the start and end); 0 = off
 sample_prompt = "What is the capital of France?"
@@ -99,8 +93,18 @@ dtype = "auto"  # "auto" (bfloat16 autocast on CUDA, float32 elsewhere), "bfloat
 compile = True  # torch.compile the model (CUDA only; pass --compile=False on Windows)
 seed = 1337
 
-config = parse_run_config(script_defaults(globals()), sys.argv[1:])
+
+config = parse_settings(globals(), sys.argv[1:])
 globals().update(config)
+
+
+def get_lr_factor(step, warmup_iters=warmup_iters, end=lr_decay_iters or max_iters, min_lr_frac=min_lr_frac):
+    """The learning rate at `step` as a fraction of its peak: linear warmup, then a straight line down to
+    min_lr_frac at `end`. A fine-tune is short; a cosine's long flat top buys it nothing."""
+    if step < warmup_iters:
+        return (step + 1) / warmup_iters
+    return 1 - (1 - min_lr_frac) * min(1.0, (step - warmup_iters) / max(1, end - warmup_iters))
+
 
 # ----------------------------------------------------------------------------- model
 # The same text stands in train_gpt.py, finetune_sft.py, sample.py and eval_hellaswag.py
@@ -396,8 +400,17 @@ def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 # ----------------------------------------------------------------------------- end of model
 
 # ----------------------------------------------------------------------------- setup
+# Every setting is checked before anything is written, so a refused run leaves no out_dir behind.
+check_settings(config, positive=("batch_size", "gradient_accumulation_steps", "max_iters", "log_interval",
+                                 "eval_interval", "checkpoint_interval", "sample_tokens"),
+               non_negative=("block_size", "val_examples", "learning_rate", "muon_lr", "weight_decay",
+                             "muon_weight_decay", "warmup_iters", "lr_decay_iters", "grad_clip", "sample_interval",
+                             "keep_last", "hellaswag_limit"),
+               choices=dict(optimizer=("muon", "adamw")))
+if not init_from:
+    raise UserError("no base model: pass --init_from=PATH (a train_gpt.py checkpoint or run dir) or --init_from=resume")
 ddp, rank, world_size, device = init_distributed(device)
-master = rank == 0
+master = rank == 0  # rank 0 alone writes logs and checkpoints
 device_type = torch.device(device).type
 dtype, autocast = pick_autocast(device, dtype)
 torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and later
@@ -408,40 +421,26 @@ if gradient_accumulation_steps % world_size:
                     f"{world_size} ranks")
 grad_accum = gradient_accumulation_steps // world_size  # micro-steps per rank
 
-if not init_from:
-    raise UserError("no base model: pass --init_from=PATH (a train_gpt.py checkpoint or run dir) or --init_from=resume")
 resume = init_from == "resume"
 ckpt_path = resolve_checkpoint(out_dir if resume else init_from)
 if not resume and ckpt_path.resolve().parent == Path(out_dir).resolve():
     raise UserError(f"init_from={init_from} is in out_dir={out_dir}, whose checkpoints this run overwrites; "
                     "pick another out_dir, or --init_from=resume to continue a fine-tune")
-ckpt = load_checkpoint(ckpt_path, device)
-if resume and not ckpt.get("chat"):
+if not resume:
+    refuse_to_overwrite(out_dir)
+checkpoint = load_checkpoint(ckpt_path, device, training=resume)  # the base model, or the run to resume
+if resume and not checkpoint["chat"]:
     raise UserError(f"{ckpt_path} was not written by finetune_sft.py; to fine-tune it, pass --init_from={out_dir} "
                     "and another out_dir")
-model = GPT.from_checkpoint(ckpt, str(ckpt_path))
+model = GPT.from_checkpoint(checkpoint, str(ckpt_path))
 if model.config.vocab_size <= ASSISTANT:
     raise UserError(f"{ckpt_path}: vocab_size {model.config.vocab_size} has no room for the chat tokens (ids up to "
                     f"{ASSISTANT}); fine-tune a model with the padded vocab of {VOCAB_SIZE}")
 block_size = block_size or model.config.block_size
 if block_size > model.config.block_size:
     raise UserError(f"block_size={block_size} is longer than the model's {model.config.block_size}")
-model.to(device)
-raw_model = model  # the uncompiled module: its state_dict has plain parameter names
-optimizers = model.configure_optimizers(optimizer, learning_rate, weight_decay, muon_lr, muon_momentum,
-                                        muon_weight_decay, (beta1, beta2))
-base_lrs = [[group["lr"] for group in opt.param_groups] for opt in optimizers]  # kept from this run's settings
-if compile and device_type == "cuda":
-    model = torch.compile(model)  # lengths vary by batch: after one recompile it treats them as dynamic
-compiled = model
-if ddp:
-    model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device_type == "cuda" else None)
 
-step, best_val_loss = 0, float("inf")
-if resume:
-    step, best_val_loss = restore_training_state(ckpt, optimizers, optimizer, ckpt_path)
-
-# data problems surface before anything is written to out_dir
+# Data problems surface here, before anything is written to out_dir.
 loader = ExampleLoader(data_dir, "train", batch_size, block_size, seed=seed, rank=rank, world_size=world_size,
                        device=device)
 val_loader = ExampleLoader(data_dir, "val", batch_size, block_size, device=device)
@@ -450,16 +449,39 @@ val_batches = [val_loader.batch(range(i, min(i + batch_size, n_val)))
                for i in range(0, n_val, batch_size)[rank::world_size]]
 hellaswag_examples = None
 if hellaswag:
-    if not os.path.exists(hellaswag_file):
-        raise UserError(f"hellaswag=True but {hellaswag_file} does not exist; set hellaswag_file or --hellaswag=False")
-    from eval_hellaswag import hellaswag_score, load_hellaswag
-
+    if not Path(hellaswag_file).is_file():
+        raise UserError(f"hellaswag=True but {hellaswag_file} does not exist; fetch it with python eval_hellaswag.py "
+                        "--download_only, point --hellaswag_file at a copy, or pass --hellaswag=False")
     hellaswag_examples = load_hellaswag(hellaswag_file, limit=hellaswag_limit)
 
-if resume:
-    loader.load_state_dict(ckpt["loader"])
-del ckpt
+model.to(device)
+# Three views of one set of weights:
+#   raw_model  the plain module: optimizers, checkpoints (plain parameter names), replies, HellaSwag
+#   compiled   torch.compile's wrapper (CUDA): the fast forward for training and val loss
+#   model      compiled, wrapped in DDP under torchrun: the training forward, which all-reduces gradients
+raw_model = model
+optimizers = raw_model.configure_optimizers(optimizer, learning_rate, weight_decay, muon_lr, muon_momentum,
+                                            muon_weight_decay, (beta1, beta2))  # a fresh state: not pretraining's
+base_lrs = [[group["lr"] for group in opt.param_groups] for opt in optimizers]  # this run's peaks, scaled each step
+if compile and device_type == "cuda":
+    model = torch.compile(model)  # lengths vary by batch: after one recompile it treats them as dynamic
+compiled = model
+if ddp:
+    model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device_type == "cuda" else None)
 
+step, best_val_loss, evals_done_at = 0, float("inf"), -1
+if resume:
+    # Resume: the optimizer moments, the loader's position and every RNG continue where the run stopped.
+    for opt, state in zip(optimizers, checkpoint["optimizers"], strict=True):
+        opt.load_state_dict(state)
+    loader.load_state_dict(checkpoint["loader"])
+    set_rng_states(checkpoint["rng"])
+    step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
+    evals_done_at = step if checkpoint["evals_done"] else -1  # a run stopped by a signal skipped them
+    saved = checkpoint["config"]
+del checkpoint  # the weights now live in the model: free the copy
+
+lock = lock_run_dir(out_dir) if master else None  # one run per out_dir: a second one is refused
 log = RunLog(out_dir, __file__, config, resume_step=step if resume else None, enabled=master,
              wandb_project=wandb_project if wandb_log else "")
 n_params = sum(p.numel() for p in raw_model.parameters())
@@ -467,46 +489,28 @@ log.print(f"model: {n_params / 1e6:.1f}M parameters from {ckpt_path} | device {d
           f"rank(s) x {grad_accum} micro-steps x {batch_size} examples of <= {block_size + 1} tokens")
 log.print(f"data: {data_dir}, {loader.n:,} train examples ({len(loader.tokens):,} tokens), {n_val:,} of "
           f"{val_loader.n:,} val examples scored" + (f"; resumed at step {step}" if resume else ""))
-
-
-def train_step(batches):
-    """One optimizer step over the micro-batches: returns (loss, grad norm before clipping, lr factor).
-
-    The loss is the mean over every reply token of the step (all micro-batches and ranks), so each
-    token weighs the same wherever it lands; a mean of per-micro-batch means would not do that."""
-    for step_opt in optimizers:
-        step_opt.zero_grad(set_to_none=True)
-    counts = [(y != -1).sum() for _, y in batches]
-    n_total = torch.stack(counts).sum().float()
-    if ddp:
-        dist.all_reduce(n_total)
-    n_total = n_total.clamp(min=1)  # a step whose replies were all cut off: zero loss and gradients, no NaN
-    loss_sum = torch.zeros((), device=device)
-    for micro, ((x, y), n) in enumerate(zip(batches, counts, strict=True)):
-        # DDP: all-reduce gradients only after the last micro-step
-        sync = not ddp or micro == grad_accum - 1
-        with model.no_sync() if not sync else contextlib.nullcontext(), autocast:
-            _, loss = model(x, y)
-        (loss * n * world_size / n_total).backward()  # DDP averages the ranks' gradients: undo its 1/world_size
-        loss_sum += loss.detach() * n
-    if ddp:
-        dist.all_reduce(loss_sum)
-    norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    factor = lr_factor(step, lr_decay_iters or max_iters, warmup_iters, lr_schedule, min_lr_frac, decay_frac)
-    set_learning_rates(optimizers, base_lrs, factor)
-    for step_opt in optimizers:
-        step_opt.step()
-    return loss_sum / n_total, norm, factor
+if resume:  # a changed schedule setting moves the learning rate under a resumed run's feet
+    was = saved["learning_rate"] * get_lr_factor(step, saved["warmup_iters"],
+                                                 saved["lr_decay_iters"] or saved["max_iters"], saved["min_lr_frac"])
+    if not math.isclose(was, learning_rate * get_lr_factor(step)):
+        changed = changed_settings(saved, config, ("learning_rate", "max_iters", "warmup_iters", "lr_decay_iters",
+                                                   "min_lr_frac"))
+        log.print(f"warning: {', '.join(changed)} moves the learning rate at step {step} from {was:.2e} to "
+                  f"{learning_rate * get_lr_factor(step):.2e}")
 
 
 @torch.no_grad()
 def evaluate():
-    """Mean loss per reply token over the fixed val examples (all ranks together)."""
+    """Mean loss per reply token over the fixed val examples (all ranks together); None when a stop
+    signal cut it short."""
     model.eval()
     total = torch.zeros(2, device=device)
     for x, y in val_batches:
+        if stop_requested.signals:  # a long val pass must not hold up Ctrl-C
+            model.train()
+            return None
         with autocast:
-            _, loss = compiled(x, y)
+            _, loss = compiled(x, y)  # not the DDP wrapper: no gradients, nothing to all-reduce
         n = (y != -1).sum()
         total += torch.stack([loss.float() * n, n.float()])
     if ddp:
@@ -529,43 +533,92 @@ def reply(prompt):
 
 
 def write_checkpoint():
-    write_training_checkpoint(log, out_dir, keep_last, master, raw_model, chat=True, optimizers=optimizers,
-                              loader=loader, config=config, step=step, best_val_loss=best_val_loss)
+    """Everything a run needs to continue exactly, marked chat so sample.py uses the template.
+    Blown-up weights (a non-finite norm) are never saved over a good checkpoint."""
+    if not math.isfinite(param_norm(raw_model)):
+        log.print(f"step {step}: non-finite weight norm, not saved; the last good checkpoint is {out_dir}/ckpt.pt")
+        sys.exit(1)
+    if master:
+        save_checkpoint({
+            "model": raw_model.state_dict(), "model_config": asdict(raw_model.config), "chat": True,
+            "config": config, "step": step, "best_val_loss": best_val_loss, "evals_done": evals_done_at == step,
+            "optimizers": [opt.state_dict() for opt in optimizers], "loader": loader.state_dict(),
+            "rng": rng_states(),
+        }, out_dir, step, keep_last)
+        log.print(f"step {step}: checkpoint written to {out_dir}/ckpt.pt")
 
 
 # ----------------------------------------------------------------------------- training loop
-stop_requested = StopRequest()
+stop_requested = StopRequest()  # Ctrl-C / SIGTERM: finish the step, checkpoint, exit; a second Ctrl-C exits at once
 start_step = step  # a resumed run does not rewrite the checkpoint it started from
 tokens_since, time_since = 0, time.perf_counter()
 while True:
     last = step >= max_iters
+
+    # Evaluate first: step 0 shows the base model, the last step the result. A resumed run may have
+    # logged its start step's evaluations already (evals_done_at).
     record = {}
-    if step % eval_interval == 0 or last:
-        record["val_loss"] = evaluate()
-        best_val_loss = min(best_val_loss, record["val_loss"])
-    if hellaswag_examples is not None and (step == 0 or last):
-        with autocast:
+    fresh = evals_done_at != step
+    if fresh and (step % eval_interval == 0 or last):
+        val_loss = evaluate()
+        if val_loss is not None:
+            record["val_loss"] = val_loss
+            best_val_loss = min(best_val_loss, val_loss)
+    if fresh and hellaswag_examples and (step == 0 or last):
+        with autocast:  # does instruction tuning cost the base model's knowledge? before and after
             record["hellaswag"] = hellaswag_score(raw_model, hellaswag_examples, device, rank=rank,
                                                   world_size=world_size)["acc_norm"]
-    if master and sample_interval > 0 and (step % sample_interval == 0 or last):
+    if fresh and master and sample_interval > 0 and (step % sample_interval == 0 or last):
         log.print(f"step {step} sample: {sample_prompt!r} -> {reply(sample_prompt)!r}")
     if record:
         log.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items()))
         log.metrics({"step": step, **record})
+    evals_done_at = step
     if last:
         break
     if step > start_step and step % checkpoint_interval == 0:
         write_checkpoint()
 
+    # One optimizer step. The loss is the mean over every reply token of the step (all micro-batches
+    # and ranks), so each token weighs the same wherever it lands; a mean of per-micro-batch means
+    # would weigh a token in a short batch more.
+    lr_factor = get_lr_factor(step)
+    for opt, lrs in zip(optimizers, base_lrs, strict=True):
+        for group, lr in zip(opt.param_groups, lrs, strict=True):
+            group["lr"] = lr * lr_factor
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
     batches = [loader.next_batch() for _ in range(grad_accum)]
-    loss, norm, factor = train_step(batches)
+    counts = [(y != -1).sum() for _, y in batches]
+    n_total = torch.stack(counts).sum().float()
+    if ddp:
+        dist.all_reduce(n_total)
+    n_total = n_total.clamp(min=1)  # a step whose replies were all cut off: zero loss and gradients, no NaN
+    loss_sum = torch.zeros((), device=device)
+    for micro, ((x, y), n) in enumerate(zip(batches, counts, strict=True)):
+        # DDP all-reduces gradients on the last micro-step only; the others accumulate locally
+        sync = not ddp or micro == grad_accum - 1
+        with model.no_sync() if not sync else contextlib.nullcontext(), autocast:
+            _, loss = model(x, y)
+        (loss * n * world_size / n_total).backward()  # DDP averages the ranks' gradients: undo its 1/world_size
+        loss_sum += loss.detach() * n
+    if ddp:
+        dist.all_reduce(loss_sum)
+    norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    for opt in optimizers:
+        opt.step()
     step += 1
     tokens_since += sum(x.numel() for x, _ in batches) * world_size
-    loss_value, norm_value = loss.item(), norm.item()  # one sync per step: catches a NaN before it is saved
-    stop_if_not_finite(log, out_dir, step, loss_value, norm_value)
+
+    # The NaN guard: one host sync per step, so a diverged step stops the run before it is ever saved.
+    loss_value, norm_value = (loss_sum / n_total).item(), norm.item()
+    if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+        log.print(f"step {step}: loss {loss_value}, grad norm {norm_value}: stopping; the last good checkpoint "
+                  f"is {out_dir}/ckpt.pt (try a lower learning rate or grad_clip)")
+        sys.exit(1)
     if step % log_interval == 0 or step == max_iters:
         dt = time.perf_counter() - time_since
-        rec = {"step": step, "loss": loss_value, "lr": learning_rate * factor, "grad_norm": norm_value,
+        rec = {"step": step, "loss": loss_value, "lr": learning_rate * lr_factor, "grad_norm": norm_value,
                "param_norm": param_norm(raw_model), "tokens_per_sec": tokens_since / dt}
         log.print(f"step {step}/{max_iters}: loss {loss_value:.4f}, lr {rec['lr']:.2e}, grad norm {norm_value:.3f}, "
                   f"param norm {rec['param_norm']:.1f}, {rec['tokens_per_sec']:,.0f} tok/s")

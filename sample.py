@@ -10,7 +10,7 @@ Sample from a trained GPT; the text streams to stdout as it is generated.
 Every prompt starts after an <|endoftext|>, where each pretraining document starts; an empty
 prompt is <|endoftext|> alone. Generation stops at <|endoftext|> or after max_new_tokens.
 
-Settings: the block below, then --key=value (or --key value); a bare word is the prompt.
+Settings: the block below, then --key=value (or --key value); the bare words are the prompt.
 """
 
 import codecs
@@ -18,29 +18,20 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.common import (
-    ASSISTANT,
-    EOT,
-    VOCAB_SIZE,
-    UserError,
-    chat_prompt,
-    get_tokenizer,
-    load_checkpoint,
-    parse_config,
-    pick_autocast,
-    pick_device,
-    resolve_checkpoint,
-    script_defaults,
-)
+from data import UserError, one_line_errors
+from data.checkpoint import load_checkpoint, resolve_checkpoint
+from data.run import check_settings, parse_settings, pick_autocast, pick_device
+from data.tokenizer import ASSISTANT, EOT, VOCAB_SIZE, chat_prompt, get_tokenizer
+
+one_line_errors()
 
 # ----------------------------------------------------------------------------- settings
-prompt = ""  # the text to continue (the bare word on the command line); "" = start from <|endoftext|>
+prompt = ""  # the text to continue (the bare words on the command line); "" = start from <|endoftext|>
 ckpt = ""  # checkpoint file or run dir; "" = the newest logs/*/ckpt.pt
 prompt_file = ""  # read the prompt from this file instead
 num_samples = 1
@@ -55,6 +46,9 @@ use_cache = True  # KV cache: after the prompt, each forward takes one token
 device = "auto"  # "auto" (cuda > mps > cpu), "cuda", "mps", "cpu"
 dtype = "auto"  # "auto" (bfloat16 autocast on CUDA, float32 elsewhere), "bfloat16" or "float32"
 compile = False  # torch.compile the forward pass
+
+config = parse_settings(globals(), sys.argv[1:], positional="prompt")
+globals().update(config)
 
 # ----------------------------------------------------------------------------- model
 # The same text stands in train_gpt.py, finetune_sft.py, sample.py and eval_hellaswag.py
@@ -349,79 +343,70 @@ def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 
 # ----------------------------------------------------------------------------- end of model
 
+# ----------------------------------------------------------------------------- setup
+check_settings(config, positive=("max_new_tokens", "num_samples"), non_negative=("temperature", "top_k"))
+if not 0 < top_p <= 1:
+    raise UserError(f"--top_p={top_p}: must be in (0, 1]; 1 = off")
+if prompt and prompt_file:
+    raise UserError("a prompt and --prompt_file both give the prompt; pass one")
+if interactive and (prompt or prompt_file):
+    raise UserError("--interactive reads the prompts from stdin; drop the prompt argument and --prompt_file")
+if prompt_file:
+    if not Path(prompt_file).is_file():
+        raise UserError(f"--prompt_file={prompt_file}: file not found")
+    prompt = Path(prompt_file).read_text(encoding="utf-8")
+device = pick_device(device)
+_, autocast = pick_autocast(device, dtype)
+
+ckpt_path = resolve_checkpoint(ckpt)
+checkpoint = load_checkpoint(ckpt_path, "cpu")  # on the CPU: the optimizer state stays off the GPU
+model = GPT.from_checkpoint(checkpoint, ckpt_path).to(device)
+model.eval()
+chat = chat or checkpoint.get("chat", False)
+if chat and model.config.vocab_size <= ASSISTANT:
+    raise UserError(f"{ckpt_path}: vocab_size {model.config.vocab_size} has no room for the chat tokens; drop --chat")
+print(f"[{ckpt_path}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, step "
+      f"{checkpoint.get('step', '?')}{', chat' if chat else ''}]", file=sys.stderr, flush=True)
+del checkpoint
+if compile:
+    model.forward = torch.compile(model.forward, dynamic=True)  # generate() calls it through the module
+generator = torch.Generator(device).manual_seed(seed)
+enc = get_tokenizer()
+
+
 # ----------------------------------------------------------------------------- sampling
-
-
-def check_settings(cfg):
-    """One-line errors for settings generate() would otherwise misuse or crash on."""
-    if cfg.max_new_tokens < 1:
-        raise UserError(f"--max_new_tokens={cfg.max_new_tokens}: must be at least 1")
-    if cfg.num_samples < 1:
-        raise UserError(f"--num_samples={cfg.num_samples}: must be at least 1")
-    if cfg.temperature < 0:
-        raise UserError(f"--temperature={cfg.temperature}: must be 0 (greedy) or more")
-    if cfg.top_k < 0:
-        raise UserError(f"--top_k={cfg.top_k}: must be 0 (off) or more")
-    if not 0 < cfg.top_p <= 1:
-        raise UserError(f"--top_p={cfg.top_p}: must be in (0, 1]; 1 = off")
-    if cfg.prompt and cfg.prompt_file:
-        raise UserError("a prompt and --prompt_file both give the prompt; pass one")
-    if cfg.interactive and (cfg.prompt or cfg.prompt_file):
-        raise UserError("--interactive reads the prompts from stdin; drop the prompt argument and --prompt_file")
-
-
-def stream(model, ids, cfg, generator, device):
+def stream(ids):
     """Generate after the token ids and print the text as it comes, up to <|endoftext|>."""
-    enc = get_tokenizer()
     # a character's bytes may be split over several tokens: print it once it is complete
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     idx = torch.tensor([ids], device=device)
-    for token in model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.use_cache,
-                                generator):
+    n = 0
+    for token in model.generate(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator):
         token = token.item()
         if token == EOT:
             break
+        n += 1
         if token < enc.n_vocab:  # the unused padding ids of the vocab have no text
             print(decoder.decode(enc.decode_single_token_bytes(token)), end="", flush=True)
     print(decoder.decode(b"", final=True), flush=True)
+    if n == 0:
+        print("[the model ended the text at once (<|endoftext|>); try another --seed or prompt]", file=sys.stderr)
 
 
-def main(argv=None):
-    cfg = SimpleNamespace(**parse_config(script_defaults(globals()), sys.argv[1:] if argv is None else argv,
-                                         positional="prompt"))
-    check_settings(cfg)
-    if cfg.prompt_file:
-        if not Path(cfg.prompt_file).is_file():
-            raise UserError(f"--prompt_file={cfg.prompt_file}: file not found")
-        cfg.prompt = Path(cfg.prompt_file).read_text(encoding="utf-8")
-    device = pick_device(cfg.device)
-    _, autocast = pick_autocast(device, cfg.dtype)
+def respond(text):
+    ids = [EOT, *(chat_prompt(text) if chat else enc.encode_ordinary(text))]
+    for i in range(num_samples):
+        if i > 0:
+            print("---------------")
+        if not chat:
+            print(text, end="", flush=True)
+        with autocast:
+            stream(ids)
 
-    path = resolve_checkpoint(cfg.ckpt)
-    checkpoint = load_checkpoint(path, "cpu")  # on the CPU: the optimizer state stays off the GPU
-    model = GPT.from_checkpoint(checkpoint, path).to(device)
-    chat = cfg.chat or checkpoint.get("chat", False)
-    del checkpoint
-    if chat and model.config.vocab_size <= ASSISTANT:
-        raise UserError(f"{path}: vocab_size {model.config.vocab_size} has no room for the chat tokens; drop --chat")
-    if cfg.compile:
-        model.forward = torch.compile(model.forward, dynamic=True)  # generate() calls it through the module
-    generator = torch.Generator(device).manual_seed(cfg.seed)
-    enc = get_tokenizer()
 
-    def respond(text):
-        ids = [EOT, *(chat_prompt(text) if chat else enc.encode_ordinary(text))]
-        for i in range(cfg.num_samples):
-            if i > 0:
-                print("---------------")
-            if not chat:
-                print(text, end="", flush=True)
-            with autocast:
-                stream(model, ids, cfg, generator, device)
-
-    if not cfg.interactive:
-        respond(cfg.prompt)
-        return
+if not interactive:
+    respond(prompt)
+else:
     while True:
         try:
             line = input("> " if sys.stdin.isatty() else "")
@@ -430,7 +415,3 @@ def main(argv=None):
         if not line.strip():
             break
         respond(line)
-
-
-if __name__ == "__main__":
-    main()

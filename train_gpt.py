@@ -1,49 +1,49 @@
 """
 Pretrain a GPT on FineWeb-Edu token shards: one GPU, or several under torchrun.
 
-    python data/fineweb_edu.py                         # once: tokenize into data/fineweb_edu/
-    python train_gpt.py                                # GPT-2 124M with Muon + AdamW
+    python train_gpt.py configs/smoke.toml --device=cpu                  # a minute on a laptop, bundled sample data
+    python data/fineweb_edu.py                                           # once: tokenize into data/fineweb_edu/
+    python train_gpt.py                                                  # GPT-2 124M with Muon + AdamW
     python train_gpt.py configs/llama_124m.toml --max_iters=5000
-    python train_gpt.py configs/smoke.toml --device=cpu --compile=False   # seconds on a laptop
-    python train_gpt.py --out_dir=logs/run --init_from=resume             # continue exactly where it stopped
-    torchrun --standalone --nproc_per_node=8 train_gpt.py                 # DDP over 8 GPUs
+    python train_gpt.py --out_dir=logs/gpt2_124m --init_from=resume      # continue exactly where it stopped
+    torchrun --standalone --nproc_per_node=8 train_gpt.py                # DDP over 8 GPUs
 
 Settings: the block below, then configs/*.toml files, then --key=value, in that order.
+The sections: settings, model (the same text in every stage script), setup, training loop.
 """
 
 import contextlib
 import math
-import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.common import (
-    EOT,
-    VOCAB_SIZE,
-    BatchLoader,
+from data import UserError, one_line_errors
+from data.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
+from data.hellaswag import hellaswag_score, load_hellaswag
+from data.loaders import BatchLoader, ValData
+from data.run import (
     RunLog,
     StopRequest,
-    UserError,
-    ValData,
-    get_tokenizer,
+    changed_settings,
+    check_settings,
     init_distributed,
-    load_checkpoint,
-    lr_factor,
+    lock_run_dir,
     param_norm,
-    parse_run_config,
+    parse_settings,
     pick_autocast,
-    restore_training_state,
-    script_defaults,
-    set_learning_rates,
-    stop_if_not_finite,
-    write_training_checkpoint,
+    refuse_architecture_change,
+    refuse_to_overwrite,
 )
+from data.tokenizer import EOT, VOCAB_SIZE, get_tokenizer
+
+one_line_errors()
 
 # ----------------------------------------------------------------------------- settings
 # model
@@ -83,8 +83,8 @@ grad_clip_late_step = 0  # 0 = never switch
 out_dir = "logs/gpt2_124m"
 log_interval = 10  # steps between metrics.jsonl records
 eval_interval = 250  # steps between val loss measurements
-hellaswag_interval = 1000  # steps between HellaSwag scores (if hellaswag_file exists); 0 = off
-hellaswag_file = "data/hellaswag/hellaswag_val.jsonl"
+hellaswag_interval = 1000  # steps between HellaSwag scores; 0 = off
+hellaswag_file = "data/hellaswag/hellaswag_val.jsonl"  # python eval_hellaswag.py downloads it there
 hellaswag_limit = 0  # score only the first N examples; 0 = all 10,042
 sample_interval = 1000  # steps between samples from sample_prompt; 0 = off
 sample_prompt = "Once upon a time"
@@ -100,16 +100,30 @@ dtype = "auto"  # "auto" (bfloat16 autocast on CUDA, float32 elsewhere), "bfloat
 compile = True  # torch.compile the model (CUDA only; pass --compile=False on Windows)
 seed = 1337
 peak_flops = 0.0  # the GPU's dense bf16 FLOP/s for MFU; 0 = look it up in PEAK_FLOPS below
-bench = False  # time bench_steps training steps on random tokens (no data, no checkpoints), then exit
-bench_steps = 20
 
-config = parse_run_config(script_defaults(globals()), sys.argv[1:])
+
+config = parse_settings(globals(), sys.argv[1:])
 globals().update(config)
 
 PEAK_FLOPS = {  # dense bf16 tensor-core FLOP/s by GPU name; the first match wins
     "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12,
     "A6000": 155e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12,
 }
+
+
+def get_lr_factor(step, warmup_iters=warmup_iters, end=lr_decay_iters or max_iters, schedule=lr_schedule,
+                  min_lr_frac=min_lr_frac, decay_frac=decay_frac):
+    """The learning rate at `step` as a fraction of its peak: linear warmup over warmup_iters, then a
+    cosine down to min_lr_frac at `end`, or warmup-stable-decay ("wsd": flat, then linear down to
+    min_lr_frac over the last decay_frac of the run)."""
+    if step < warmup_iters:
+        return (step + 1) / warmup_iters
+    if schedule == "wsd":
+        decay_start = end * (1 - decay_frac)
+        return 1 - (1 - min_lr_frac) * min(1.0, max(0.0, step - decay_start) / max(1, end - decay_start))
+    progress = min(1.0, (step - warmup_iters) / max(1, end - warmup_iters))
+    return min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+
 
 # ----------------------------------------------------------------------------- model
 # The same text stands in train_gpt.py, finetune_sft.py, sample.py and eval_hellaswag.py
@@ -405,61 +419,90 @@ def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 # ----------------------------------------------------------------------------- end of model
 
 # ----------------------------------------------------------------------------- setup
+# Every setting is checked before anything is written, so a refused run leaves no out_dir behind.
+check_settings(config, positive=("n_layer", "n_head", "n_embd", "block_size", "batch_size", "total_batch_size",
+                                 "max_iters", "log_interval", "eval_interval", "checkpoint_interval", "val_tokens"),
+               non_negative=("learning_rate", "muon_lr", "weight_decay", "muon_weight_decay", "warmup_iters",
+                             "lr_decay_iters", "grad_clip", "hellaswag_interval", "sample_interval", "keep_last"),
+               choices=dict(arch=("gpt2", "llama"), optimizer=("muon", "adamw"), lr_schedule=("cosine", "wsd")))
+if n_embd % n_head:
+    raise UserError(f"n_embd={n_embd} is not divisible by n_head={n_head}; pick n_head among the divisors of n_embd")
 ddp, rank, world_size, device = init_distributed(device)
-master = rank == 0
+master = rank == 0  # rank 0 alone writes logs and checkpoints
 device_type = torch.device(device).type
 dtype, autocast = pick_autocast(device, dtype)
 torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and later
 torch.manual_seed(seed)  # every rank builds the same initial weights
 
+# total_batch_size tokens per step = world_size ranks x grad_accum micro-steps x batch_size x block_size
 tokens_per_micro = batch_size * block_size * world_size
 if total_batch_size % tokens_per_micro:
     raise UserError(f"total_batch_size={total_batch_size} must be a multiple of batch_size * block_size * "
                     f"world_size = {batch_size} * {block_size} * {world_size} = {tokens_per_micro}")
 grad_accum = total_batch_size // tokens_per_micro
 
-if not bench:  # data problems surface before anything is written to out_dir
-    loader = BatchLoader(data_dir, "train", batch_size, block_size, seed=seed, rank=rank, world_size=world_size,
-                         mode=loader_mode, device=device)
-    val_data = ValData(data_dir, batch_size, block_size, val_tokens, rank=rank, world_size=world_size, device=device)
-hellaswag = None
-if hellaswag_interval > 0 and os.path.exists(hellaswag_file) and not bench:
-    from eval_hellaswag import hellaswag_score, load_hellaswag
+# Data problems surface here, before anything is written to out_dir.
+loader = BatchLoader(data_dir, "train", batch_size, block_size, seed=seed, rank=rank, world_size=world_size,
+                     mode=loader_mode, device=device)
+val_data = ValData(data_dir, batch_size, block_size, val_tokens, rank=rank, world_size=world_size, device=device)
+hellaswag_examples, hellaswag_note = None, ""
+if hellaswag_interval > 0:
+    if Path(hellaswag_file).is_file():
+        hellaswag_examples = load_hellaswag(hellaswag_file, limit=hellaswag_limit)
+    else:
+        hellaswag_note = (f"hellaswag: {hellaswag_file} not found, so no HellaSwag scores this run; fetch it with "
+                          f"python eval_hellaswag.py --download_only, or set --hellaswag_interval=0")
 
-    hellaswag = load_hellaswag(hellaswag_file, limit=hellaswag_limit)
-
-ckpt = None
+checkpoint = None  # the dict to resume from
 if init_from == "resume":
-    ckpt = load_checkpoint(out_dir, device)
-    model = GPT.from_checkpoint(ckpt, f"{out_dir}/ckpt.pt")
+    checkpoint = load_checkpoint(out_dir, device, training=True)
+    if checkpoint["chat"]:
+        raise UserError(f"{out_dir}/ckpt.pt was written by finetune_sft.py; resume it with "
+                        f"python finetune_sft.py --out_dir={out_dir} --init_from=resume")
+    model = GPT.from_checkpoint(checkpoint, f"{out_dir}/ckpt.pt")
+    refuse_architecture_change(checkpoint["config"], config, f"{out_dir}/ckpt.pt")
 elif init_from == "scratch":
+    refuse_to_overwrite(out_dir)
     model = GPT(GPTConfig(arch=arch, vocab_size=VOCAB_SIZE, block_size=block_size, n_layer=n_layer, n_head=n_head,
                           n_embd=n_embd, qk_norm=qk_norm, logit_softcap=logit_softcap))
 elif init_from.startswith("gpt2"):
+    refuse_to_overwrite(out_dir)
     model = GPT.from_pretrained(init_from)
 else:
     raise UserError(f"init_from={init_from!r}: use scratch, resume or a GPT-2 name such as gpt2")
 if model.config.block_size < block_size:
     raise UserError(f"block_size={block_size} is longer than the model's {model.config.block_size}")
 model.to(device)
-raw_model = model  # the uncompiled module: its state_dict has plain parameter names
-optimizers = model.configure_optimizers(optimizer, learning_rate, weight_decay, muon_lr, muon_momentum,
-                                        muon_weight_decay, (beta1, beta2))
-base_lrs = [[group["lr"] for group in opt.param_groups] for opt in optimizers]  # kept from this run's settings
+# Three views of one set of weights:
+#   raw_model  the plain module: optimizers, checkpoints (plain parameter names), sampling, HellaSwag
+#   compiled   torch.compile's wrapper (CUDA): the fast forward for training and val loss
+#   model      compiled, wrapped in DDP under torchrun: the training forward, which all-reduces gradients
+raw_model = model
+optimizers = raw_model.configure_optimizers(optimizer, learning_rate, weight_decay, muon_lr, muon_momentum,
+                                            muon_weight_decay, (beta1, beta2))
+base_lrs = [[group["lr"] for group in opt.param_groups] for opt in optimizers]  # this run's peaks, scaled each step
 if compile and device_type == "cuda":
     model = torch.compile(model)
 compiled = model
 if ddp:
     model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device_type == "cuda" else None)
 
-step, best_val_loss = 0, float("inf")
-if ckpt is not None:
-    step, best_val_loss = restore_training_state(ckpt, optimizers, optimizer, f"{out_dir}/ckpt.pt")
-    loader.load_state_dict(ckpt["loader"])
-del ckpt
+step, best_val_loss, evals_done_at = 0, float("inf"), -1
+if checkpoint is not None:
+    # Resume: the optimizer moments, the loader's position and every RNG continue where the run stopped,
+    # so the resumed run takes bitwise the steps the uninterrupted one would have taken.
+    for opt, state in zip(optimizers, checkpoint["optimizers"], strict=True):
+        opt.load_state_dict(state)
+    loader.load_state_dict(checkpoint["loader"])
+    set_rng_states(checkpoint["rng"])
+    step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
+    evals_done_at = step if checkpoint["evals_done"] else -1  # a run stopped by a signal skipped them
+    saved = checkpoint["config"]
+    del checkpoint  # the weights now live in the model: free the copy
 
-log = RunLog(out_dir, __file__, config, resume_step=step if init_from == "resume" else None,
-             enabled=master and not bench, wandb_project=wandb_project if wandb_log else "")
+lock = lock_run_dir(out_dir) if master else None  # one run per out_dir: a second one is refused
+log = RunLog(out_dir, __file__, config, resume_step=step if init_from == "resume" else None, enabled=master,
+             wandb_project=wandb_project if wandb_log else "")
 flops_per_token = raw_model.flops_per_token()
 if peak_flops == 0 and device_type == "cuda":
     name = torch.cuda.get_device_name(device)
@@ -468,9 +511,20 @@ n_params = sum(p.numel() for p in raw_model.parameters())
 log.print(f"model: {n_params / 1e6:.1f}M parameters, {flops_per_token / 1e6:.0f} MFLOPs/token | device {device} "
           f"{dtype} | {world_size} rank(s) x {grad_accum} micro-steps x {batch_size} x {block_size} tokens "
           f"= {total_batch_size:,} tokens/step")
-if not bench:
-    log.print(f"data: {data_dir}, {int(loader.reader.starts[-1]):,} train tokens in {len(loader.reader.files)} "
-              f"shards, {val_data.tokens:,} val tokens" + (f"; resumed at step {step}" if step else ""))
+log.print(f"data: {data_dir}, {int(loader.reader.starts[-1]):,} train tokens in {len(loader.reader.files)} "
+          f"shards, {val_data.tokens:,} val tokens" + (f"; resumed at step {step}" if step else ""))
+if hellaswag_note:
+    log.print(hellaswag_note)
+if init_from == "resume":  # a changed schedule setting moves the learning rate under a resumed run's feet
+    was = saved["learning_rate"] * get_lr_factor(step, saved["warmup_iters"], saved["lr_decay_iters"] or
+                                                 saved["max_iters"], saved["lr_schedule"], saved["min_lr_frac"],
+                                                 saved["decay_frac"])
+    if not math.isclose(was, learning_rate * get_lr_factor(step)):
+        changed = changed_settings(saved, config, ("learning_rate", "max_iters", "warmup_iters", "lr_schedule",
+                                                   "lr_decay_iters", "min_lr_frac", "decay_frac"))
+        log.print(f"warning: {', '.join(changed)} moves the learning rate at step {step} from {was:.2e} to "
+                  f"{learning_rate * get_lr_factor(step):.2e}; to lengthen a run smoothly, set lr_decay_iters "
+                  "to its final length from the start")
 
 
 def mfu(tokens_per_sec):
@@ -478,55 +532,17 @@ def mfu(tokens_per_sec):
     return flops_per_token * tokens_per_sec / (peak_flops * world_size) if peak_flops else 0.0
 
 
-def train_step(batches):
-    """One optimizer step over grad_accum micro-batches: returns (mean loss, grad norm before clipping, lr factor)."""
-    for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
-    loss_sum = torch.zeros((), device=device)
-    for micro, (x, y) in enumerate(batches):
-        # DDP: all-reduce gradients only after the last micro-step
-        sync = not ddp or micro == grad_accum - 1
-        with model.no_sync() if not sync else contextlib.nullcontext(), autocast:
-            _, loss = model(x, y)
-        (loss / grad_accum).backward()  # the mean over micro-batches equals one big batch's loss
-        loss_sum += loss.detach()
-    if ddp:
-        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-    clip = grad_clip_late if grad_clip_late_step and step >= grad_clip_late_step else grad_clip
-    norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), clip if clip > 0 else float("inf"))
-    factor = lr_factor(step, lr_decay_iters or max_iters, warmup_iters, lr_schedule, min_lr_frac, decay_frac)
-    set_learning_rates(optimizers, base_lrs, factor)
-    for opt in optimizers:
-        opt.step()
-    return loss_sum / grad_accum, norm, factor
-
-
-if bench:  # training steps on fixed random tokens: the model and optimizer alone, no data I/O
-    x = torch.randint(0, VOCAB_SIZE, (batch_size, block_size), device=device)
-    times = []
-    for i in range(bench_steps + 3):
-        t0 = time.perf_counter()
-        train_step([(x, x)] * grad_accum)
-        if device_type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 3:  # the first steps compile and warm up
-            times.append(time.perf_counter() - t0)
-    dt = sorted(times)[len(times) // 2]
-    tps = total_batch_size / dt
-    if master:
-        print(f"bench: {arch} {n_params / 1e6:.1f}M T={block_size} {dtype} compile={compile} on {device}: "
-              f"median step {dt * 1000:.1f} ms, {tps:,.0f} tokens/s, MFU {mfu(tps):.1%}")
-    sys.exit(0)
-
-
 @torch.no_grad()
 def evaluate():
-    """Mean loss over the fixed val set (all ranks together)."""
+    """Mean loss over the fixed val set (all ranks together); None when a stop signal cut it short."""
     model.eval()
     total = torch.zeros(2, device=device)
     for x, y in val_data:
+        if stop_requested.signals:  # a long val pass must not hold up Ctrl-C
+            model.train()
+            return None
         with autocast:
-            _, loss = compiled(x, y)
+            _, loss = compiled(x, y)  # not the DDP wrapper: no gradients, nothing to all-reduce
         total += torch.stack([loss.float() * y.numel(), torch.tensor(float(y.numel()), device=device)])
     if ddp:
         dist.all_reduce(total)
@@ -535,25 +551,42 @@ def evaluate():
 
 
 def write_checkpoint():
-    write_training_checkpoint(log, out_dir, keep_last, master, raw_model, chat=False, optimizers=optimizers,
-                              loader=loader, config=config, step=step, best_val_loss=best_val_loss)
+    """Everything a run needs to continue exactly. Blown-up weights are never saved over a good
+    checkpoint: the fp32 norm overflows once any weight passes ~1e19, so this catches those too."""
+    if not math.isfinite(param_norm(raw_model)):
+        log.print(f"step {step}: non-finite weight norm, not saved; the last good checkpoint is {out_dir}/ckpt.pt")
+        sys.exit(1)
+    if master:
+        save_checkpoint({
+            "model": raw_model.state_dict(), "model_config": asdict(raw_model.config), "chat": False,
+            "config": config, "step": step, "best_val_loss": best_val_loss, "evals_done": evals_done_at == step,
+            "optimizers": [opt.state_dict() for opt in optimizers], "loader": loader.state_dict(),
+            "rng": rng_states(),
+        }, out_dir, step, keep_last)
+        log.print(f"step {step}: checkpoint written to {out_dir}/ckpt.pt")
 
 
 # ----------------------------------------------------------------------------- training loop
-stop_requested = StopRequest()
+stop_requested = StopRequest()  # Ctrl-C / SIGTERM: finish the step, checkpoint, exit; a second Ctrl-C exits at once
 start_step = step  # a resumed run does not rewrite the checkpoint it started from
 tokens_since, time_since = 0, time.perf_counter()
 while True:
     last = step >= max_iters
+
+    # Evaluate first, so step 0 measures the untrained model and the last step the final one.
+    # A resumed run may have logged its start step's evaluations already (evals_done_at).
     record = {}
-    if step % eval_interval == 0 or last:
-        record["val_loss"] = evaluate()
-        best_val_loss = min(best_val_loss, record["val_loss"])
-    if hellaswag is not None and step > 0 and (step % hellaswag_interval == 0 or last):
-        with autocast:
-            record["hellaswag"] = hellaswag_score(raw_model, hellaswag, device, rank=rank,
+    fresh = evals_done_at != step
+    if fresh and (step % eval_interval == 0 or last):
+        val_loss = evaluate()
+        if val_loss is not None:
+            record["val_loss"] = val_loss
+            best_val_loss = min(best_val_loss, val_loss)
+    if fresh and hellaswag_examples and step > 0 and (step % hellaswag_interval == 0 or last):
+        with autocast:  # raw_model: the batches of endings vary in length, which would recompile the compiled one
+            record["hellaswag"] = hellaswag_score(raw_model, hellaswag_examples, device, rank=rank,
                                                   world_size=world_size)["acc_norm"]
-    if master and sample_interval > 0 and step > 0 and (step % sample_interval == 0 or last):
+    if fresh and master and sample_interval > 0 and step > 0 and (step % sample_interval == 0 or last):
         enc = get_tokenizer()
         prompt = torch.tensor([[EOT, *enc.encode_ordinary(sample_prompt)]], device=device)
         with autocast:
@@ -562,19 +595,47 @@ while True:
     if record:
         log.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items()))
         log.metrics({"step": step, **record})
+    evals_done_at = step
     if last:
         break
     if step > start_step and step % checkpoint_interval == 0:
         write_checkpoint()
 
-    loss, norm, factor = train_step(loader.next_batch() for _ in range(grad_accum))
+    # One optimizer step over grad_accum micro-batches. Each micro-batch's loss is divided by
+    # grad_accum, so the summed gradients are those of the mean over one big batch.
+    lr_factor = get_lr_factor(step)
+    for opt, lrs in zip(optimizers, base_lrs, strict=True):
+        for group, lr in zip(opt.param_groups, lrs, strict=True):
+            group["lr"] = lr * lr_factor
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(grad_accum):
+        x, y = loader.next_batch()
+        # DDP all-reduces gradients on the last micro-step only; the others accumulate locally
+        sync = not ddp or micro == grad_accum - 1
+        with model.no_sync() if not sync else contextlib.nullcontext(), autocast:
+            _, loss = model(x, y)
+        (loss / grad_accum).backward()
+        loss_sum += loss.detach()
+    if ddp:
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+    clip = grad_clip_late if grad_clip_late_step and step >= grad_clip_late_step else grad_clip
+    norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), clip if clip > 0 else float("inf"))
+    for opt in optimizers:
+        opt.step()
     step += 1
     tokens_since += total_batch_size
-    loss_value, norm_value = loss.item(), norm.item()  # one sync per step: catches a NaN before it is saved
-    stop_if_not_finite(log, out_dir, step, loss_value, norm_value)
+
+    # The NaN guard: one host sync per step, so a diverged step stops the run before it is ever saved.
+    loss_value, norm_value = (loss_sum / grad_accum).item(), norm.item()
+    if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+        log.print(f"step {step}: loss {loss_value}, grad norm {norm_value}: stopping; the last good checkpoint "
+                  f"is {out_dir}/ckpt.pt (try a lower learning rate or grad_clip)")
+        sys.exit(1)
     if step % log_interval == 0 or step == max_iters:
         tps = tokens_since / (time.perf_counter() - time_since)
-        rec = {"step": step, "loss": loss_value, "lr": learning_rate * factor, "grad_norm": norm_value,
+        rec = {"step": step, "loss": loss_value, "lr": learning_rate * lr_factor, "grad_norm": norm_value,
                "param_norm": param_norm(raw_model), "tokens_per_sec": tps, "mfu": mfu(tps)}
         log.print(f"step {step}/{max_iters}: loss {loss_value:.4f}, lr {rec['lr']:.2e}, grad norm {norm_value:.3f}, "
                   f"param norm {rec['param_norm']:.1f}, {tps:,.0f} tok/s, MFU {rec['mfu']:.1%}")

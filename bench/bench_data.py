@@ -26,8 +26,8 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(REPO.parent / "shared" / "tiktok
 
 import tiktoken  # noqa: E402
 import torch  # noqa: E402
-
 from data.common import BatchLoader, get_tokenizer  # noqa: E402
+
 from data.fineweb_edu import main as prep  # noqa: E402
 
 CORPUS = REPO.parent / "shared" / "data" / "python_docs" / "python3.11_docs.jsonl"

@@ -16,8 +16,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the stage scripts import as modules
 
 import torch  # noqa: E402
-
 from data.common import UserError, parse_config, pick_autocast, pick_device, script_defaults  # noqa: E402
+
 from eval_hellaswag import GPT, GPTConfig, hellaswag_path, hellaswag_score, load_hellaswag  # noqa: E402
 
 # ----------------------------------------------------------------------------- settings

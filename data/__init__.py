@@ -1,0 +1,34 @@
+"""What the stage scripts share; each module owns one job:
+
+    tokenizer.py   GPT-2's BPE (from the bundled gpt2.tiktoken) plus the chat tokens, template and reply mask
+    shards.py      the .bin token-shard format and the SFT example format on disk
+    loaders.py     batches for training and validation: BatchLoader, ValData, ExampleLoader
+    checkpoint.py  atomic checkpoint writes, resolving a checkpoint path, weights_only loading, RNG state
+    run.py         settings parsing, device and autocast, DDP, stop signals, the run log
+    hellaswag.py   reading, rendering and scoring HellaSwag (eval_hellaswag.py and the training scripts)
+    fineweb_edu.py, sft_mix.py   data-prep scripts (no torch)
+"""
+
+import sys
+
+
+class UserError(Exception):
+    """A bad input (a setting, a file, a checkpoint): the message says what is wrong and how to fix it.
+
+    Library code raises it; a script that called one_line_errors() prints it as one line on stderr
+    and exits with status 1, instead of a traceback."""
+
+
+def one_line_errors():
+    """Make this process print an uncaught UserError as `error: message` and Ctrl-C as `interrupted`."""
+    default = sys.excepthook
+
+    def hook(kind, value, tb):
+        if issubclass(kind, UserError):
+            print(f"error: {value}", file=sys.stderr, flush=True)
+        elif issubclass(kind, KeyboardInterrupt):
+            print("interrupted", file=sys.stderr, flush=True)
+        else:
+            default(kind, value, tb)
+
+    sys.excepthook = hook

@@ -1,6 +1,6 @@
 """
 Tokenize FineWeb-Edu (or local text files) into the .bin token shards that the
-training loaders read (see data/common.py for the format).
+training loaders read (see data/shards.py for the format).
 
     python data/fineweb_edu.py                                  # stream HF sample-10BT
     python data/fineweb_edu.py --max_tokens 1e9                 # the first ~1B tokens of it
@@ -47,7 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from data.common import EOT, UserError, get_tokenizer, write_shard  # noqa: E402
+from data import UserError, one_line_errors  # noqa: E402
+from data.shards import write_shard  # noqa: E402
+from data.tokenizer import EOT, get_tokenizer  # noqa: E402
 
 HF_DATASET, HF_CONFIG = "HuggingFaceFW/fineweb-edu", "sample-10BT"
 SUFFIXES = (".jsonl", ".parquet", ".txt")
@@ -122,8 +124,8 @@ def read_txt(path):
                 yield line.rstrip("\n")
 
 
-# The pool's feeder thread iterates the documents, and a UserError (a SystemExit) raised
-# there would end that thread silently and hang the run, so every check that can fail
+# The pool's feeder thread iterates the documents, and an exception raised there would
+# end that thread silently and hang the run, so every check that can fail
 # with one happens up front in open_files / open_hub, in the main thread.
 
 
@@ -361,4 +363,5 @@ def print_summary(s):
 
 
 if __name__ == "__main__":
+    one_line_errors()
     main()

@@ -31,9 +31,9 @@ examples W times on average. --val_fraction of the kept examples of all sources 
 held out as val before any repeating, so no val example is ever in train too.
 
 Output in --out_dir: train and val, each as the examples' tokens back to back in {split}_000000.bin
-plus {split}_offsets.npy (data/common.py write_examples), in a seeded random order, and summary.json
+plus {split}_offsets.npy (data/shards.py write_examples), in a seeded random order, and summary.json
 with the counts. An example is <|endoftext|> (where every pretraining document starts), then per turn
-`<|user|>{prompt}<|assistant|>{response}<|endoftext|>` with single special ids (data/common.py
+`<|user|>{prompt}<|assistant|>{response}<|endoftext|>` with single special ids (data/tokenizer.py
 render_chat); the loss mask is re-derived from those ids when training.
 The same inputs and arguments give byte-identical files.
 """
@@ -50,7 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from data.common import EOT, UserError, render_chat, write_examples  # noqa: E402
+from data import UserError, one_line_errors  # noqa: E402
+from data.shards import write_examples  # noqa: E402
+from data.tokenizer import EOT, render_chat  # noqa: E402
 
 SOURCES = ("smoltalk", "raschka", "alpaca")
 HUB = {"smoltalk": "HuggingFaceTB/smol-smoltalk", "alpaca": "yahma/alpaca-cleaned"}
@@ -296,4 +298,5 @@ def print_summary(s, args):
 
 
 if __name__ == "__main__":
+    one_line_errors()
     main()

@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from data.common import VOCAB_SIZE, UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -16,6 +16,7 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
 sys.path.insert(0, str(REPO))
 
 from data.common import EOT, get_tokenizer, list_shards, read_header, read_shard  # noqa: E402
+
 from data.fineweb_edu import main  # noqa: E402
 
 REAL = SHARED / "data" / "fineweb_edu" / "fineweb_edu_sample10BT_head150.jsonl"

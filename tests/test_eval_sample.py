@@ -12,11 +12,11 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(Path(__file__).resolve().parents
 
 import pytest
 import torch
+from data.common import EOT, VOCAB_SIZE, UserError, chat_prompt, get_tokenizer
 from helpers import REPO_ROOT, make_checkpoint
 
 import eval_hellaswag
 import sample
-from data.common import EOT, VOCAB_SIZE, UserError, chat_prompt, get_tokenizer
 
 HELLASWAG = REPO_ROOT.parent / "shared" / "data" / "hellaswag" / "hellaswag_val.jsonl"
 needs_hellaswag = pytest.mark.skipif(not HELLASWAG.is_file(), reason=f"{HELLASWAG} not found")

@@ -8,11 +8,11 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(Path(__file__).resolve().parents
 
 import pytest
 import torch
+from data.common import UserError, load_checkpoint
 from helpers import REPO_ROOT, load_model_namespace, make_checkpoint, model_section
 
 import eval_hellaswag
 import sample
-from data.common import UserError, load_checkpoint
 
 STAGE_SCRIPTS = ["train_gpt.py", "finetune_sft.py", "sample.py", "eval_hellaswag.py"]
 PRESENT = [name for name in STAGE_SCRIPTS if (REPO_ROOT / name).is_file()]

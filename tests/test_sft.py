@@ -18,9 +18,6 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(Path(__file__).resolve().parents
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from helpers import REPO_ROOT as ROOT  # noqa: E402
-from helpers import load_model_namespace, make_checkpoint, metrics, train_records, wait_for_steps  # noqa: E402
-
 from data.common import (  # noqa: E402
     ASSISTANT,
     EOT,
@@ -35,6 +32,9 @@ from data.common import (  # noqa: E402
     reply_mask,
     write_examples,
 )
+from helpers import REPO_ROOT as ROOT  # noqa: E402
+from helpers import load_model_namespace, make_checkpoint, metrics, train_records, wait_for_steps  # noqa: E402
+
 from data.sft_mix import REASONS  # noqa: E402
 from data.sft_mix import main as mix  # noqa: E402
 

@@ -10,10 +10,9 @@ import sys
 
 import pytest
 import torch
+from data.common import lr_factor
 from helpers import REPO_ROOT as ROOT
 from helpers import load_model_namespace, metrics, train_records, wait_for_steps
-
-from data.common import lr_factor
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
 

@@ -1,0 +1,114 @@
+"""
+Checkpoints: atomic writes, finding one from a path or run dir, safe loading, RNG state.
+
+A checkpoint is a dict of plain tensors and types, loadable with torch.load(weights_only=True):
+
+    model          the weights (state_dict of the uncompiled model)
+    model_config   the GPTConfig fields, to rebuild the model
+    chat           True when written by finetune_sft.py (sample.py then uses the chat template)
+    config         the run's resolved settings
+    step           optimizer steps taken
+    best_val_loss  the lowest val loss seen so far
+    optimizers     one state_dict per optimizer (AdamW, then Muon when used)
+    loader         the train loader's state_dict (one counter plus what must match on resume)
+    rng            python, numpy, torch and cuda RNG states (rng_states below)
+"""
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data import UserError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def rng_states():
+    """Every RNG a run draws from, as plain types that torch.load(weights_only=True) accepts."""
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_states(states):
+    random.setstate((states["python"][0], tuple(states["python"][1]), states["python"][2]))
+    name, key, *rest = states["numpy"]
+    np.random.set_state((name, np.array(key, dtype=np.uint32), *rest))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(obj, out_dir, step, keep_last=0):
+    """Write out_dir/ckpt.pt atomically (temp file + rename). With keep_last > 0 also keep
+    ckpt_STEP.pt for the last `keep_last` saves (hard links: no extra disk)."""
+    out_dir = Path(out_dir)
+    tmp = out_dir / "ckpt.pt.tmp"
+    try:
+        torch.save(obj, tmp)
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError from its zip writer
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"could not write {tmp} ({e}); free disk space in {out_dir} (the last good checkpoint, "
+                        "if any, is untouched) and resume with --init_from=resume") from None
+    if keep_last > 0:
+        numbered = out_dir / f"ckpt_{step:07d}.pt"
+        numbered.unlink(missing_ok=True)
+        try:
+            os.link(tmp, numbered)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(tmp, numbered)
+        for old in sorted(out_dir.glob("ckpt_*.pt"))[:-keep_last]:
+            old.unlink()
+    os.replace(tmp, out_dir / "ckpt.pt")
+
+
+def resolve_checkpoint(path):
+    """A checkpoint file, or a run dir holding ckpt.pt; '' means the newest logs/*/ckpt.pt."""
+    if not path:
+        found = sorted((REPO_ROOT / "logs").glob("*/ckpt.pt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise UserError(f"no checkpoint found under {REPO_ROOT / 'logs'}/*/ckpt.pt; train one with "
+                            "python train_gpt.py or pass --ckpt=PATH")
+        return found[-1]
+    p = Path(path)
+    if p.is_dir():
+        if (p / "ckpt.pt").is_file():
+            return p / "ckpt.pt"
+        raise UserError(f"run dir {p} has no ckpt.pt; pass a checkpoint file or a run dir that has one")
+    if p.is_file():
+        return p
+    raise UserError(f"checkpoint {p} not found (looked for the file and for {p}/ckpt.pt)")
+
+
+TRAINING_KEYS = {"config": dict, "step": int, "best_val_loss": float, "optimizers": list, "loader": dict,
+                 "rng": dict, "chat": bool, "evals_done": bool}
+
+
+def load_checkpoint(path, device="cpu", training=False):
+    """Load a checkpoint with weights_only=True: plain tensors and types, no pickled code. A file that
+    is not one of ours is a one-line error; training=True also checks what resuming a run needs."""
+    path = resolve_checkpoint(path)
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {first_line})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise UserError(f"{path}: not a checkpoint written by train_gpt.py or finetune_sft.py (no model weights)")
+    config = ckpt.get("model_config")
+    if not isinstance(config, dict) or not all(isinstance(k, str) and type(v) in (int, float, bool, str)
+                                               for k, v in config.items()):
+        raise UserError(f"{path}: its model_config is missing or damaged; it cannot rebuild a model")
+    for key, kind in TRAINING_KEYS.items() if training else ():
+        if not isinstance(ckpt.get(key), kind):
+            raise UserError(f"{path}: has no valid {key!r}, so the run cannot continue exactly from it; "
+                            "fine-tune or sample from it instead, or train a new run")
+    return ckpt

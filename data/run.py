@@ -1,0 +1,355 @@
+"""
+A run's plumbing, shared by the stage scripts: settings, device and autocast, DDP, stop signals
+and the run log. Nothing here decides what a run computes; the scripts do.
+
+Settings: the lower-case names at the top of a script are its defaults; configs/*.toml files on the
+command line override them, then --key=value flags (parse_settings).
+"""
+
+import contextlib
+import difflib
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data import UserError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# -----------------------------------------------------------------------------
+# settings: defaults at the top of a script < configs/*.toml < --key=value
+
+
+def _coerce(key, value, default, source):
+    """Convert `value` (a TOML value or a command-line string) to the type of `default`."""
+    kind = type(default)
+    if isinstance(value, str) and kind is not str:
+        text = value.strip()
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise UserError(f"{source}: {key} must be true or false, got {value!r}")
+            return text.lower() in ("true", "1", "yes")
+        try:
+            number = float(text)
+        except ValueError:
+            raise UserError(f"{source}: {key} must be {kind.__name__}, got {value!r}") from None
+        if kind is int:  # "524288", "5e5" and "2**19"-free spellings of whole numbers
+            if not number.is_integer():
+                raise UserError(f"{source}: {key} must be a whole number, got {value!r}")
+            value = int(text) if text.lstrip("+-").isdigit() else int(number)
+        else:
+            value = number
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not kind:
+        raise UserError(f"{source}: {key} must be {kind.__name__} like {default!r}, got {value!r}")
+    return value
+
+
+def parse_config(defaults, argv, positional=None):
+    """Resolve a script's settings: `defaults` (name -> int/float/bool/str) overridden by any
+    `configs/*.toml` files in argv, then by `--key=value` / `--key value` / bare `--flag`
+    (for booleans). A bare word goes to the `positional` key, if the script has one.
+    Unknown keys and ill-typed values are one-line errors."""
+    config = dict(defaults)
+
+    def check_key(key, source):
+        if key not in defaults:
+            close = difflib.get_close_matches(key, defaults, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise UserError(f"{source}: unknown setting {key!r}{hint}; the settings are at the top of {sys.argv[0]}")
+
+    i = words = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg.endswith(".toml") and not arg.startswith("--"):
+            path = Path(arg)
+            if not path.is_file():
+                raise UserError(f"config file {arg} not found; the presets are in configs/")
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            try:
+                table = tomllib.loads(path.read_text())
+            except tomllib.TOMLDecodeError as e:
+                raise UserError(f"{arg}: not valid TOML ({e})") from None
+            for key, value in table.items():
+                check_key(key, arg)
+                config[key] = _coerce(key, value, defaults[key], arg)
+        elif arg.startswith("--"):
+            key, eq, value = arg[2:].partition("=")
+            key = key.replace("-", "_")
+            check_key(key, f"--{key}")
+            if not eq:
+                if type(defaults[key]) is bool and (i == len(argv) or argv[i].startswith("--")):
+                    value = "true"
+                elif i < len(argv):
+                    value, i = argv[i], i + 1
+                else:
+                    raise UserError(f"--{key} needs a value, like --{key}={defaults[key]!r}")
+            config[key] = _coerce(key, value, defaults[key], f"--{key}")
+        elif positional is not None:  # the bare words, joined: an unquoted prompt keeps all its words
+            config[positional] = f"{config[positional]} {arg}" if words else arg
+            words += 1
+        else:
+            raise UserError(f"unexpected argument {arg!r}; use configs/NAME.toml or --key=value")
+    return config
+
+
+def parse_settings(namespace, argv, positional=None):
+    """A script's settings. The defaults are the lower-case int/float/bool/str names of `namespace`
+    (the script's globals()) in order; upper-case names such as VOCAB_SIZE are constants. Config
+    files and flags in argv override them (parse_config).
+
+    With --init_from=resume the run's own settings (saved in out_dir/ckpt.pt) stand in for the
+    script's defaults, so a bare `--out_dir=DIR --init_from=resume` continues the same run; config
+    files and flags on the command line still override them."""
+    defaults = {k: v for k, v in namespace.items()
+                if not k.startswith("_") and k == k.lower() and type(v) in (int, float, bool, str)}
+    config = parse_config(defaults, argv, positional)
+    if config.get("init_from") == "resume" and "out_dir" in config:
+        try:  # mmap: only the small settings dict is read, not the weights
+            saved = torch.load(Path(config["out_dir"]) / "ckpt.pt", map_location="cpu", weights_only=True,
+                               mmap=True)["config"]
+        except Exception:  # no or damaged checkpoint: loading it later says so in one line
+            saved = {}
+        kept = {k: v for k, v in saved.items() if k in defaults and type(v) is type(defaults[k])}
+        config = parse_config({**defaults, **kept}, argv, positional)
+    return config
+
+
+def check_settings(config, positive=(), non_negative=(), choices=None):
+    """One-line errors for settings out of range, before anything runs or is written."""
+    for key in positive:
+        if config[key] <= 0:
+            raise UserError(f"--{key}={config[key]}: must be at least 1" if type(config[key]) is int
+                            else f"--{key}={config[key]}: must be above 0")
+    for key in non_negative:
+        if not config[key] >= 0:  # NaN fails too
+            raise UserError(f"--{key}={config[key]}: must be 0 or more")
+    for key, allowed in (choices or {}).items():
+        if config[key] not in allowed:
+            raise UserError(f"--{key}={config[key]!r}: use one of {', '.join(map(repr, allowed))}")
+
+
+ARCHITECTURE = ("arch", "n_layer", "n_head", "n_embd", "qk_norm", "logit_softcap")
+
+
+def changed_settings(saved, config, keys):
+    """`key old -> new` for each of keys whose value differs between a checkpoint's settings and this run's."""
+    return [f"{k} {saved[k]} -> {config[k]}" for k in keys if k in saved and k in config and saved[k] != config[k]]
+
+
+def refuse_architecture_change(saved, config, source):
+    changed = changed_settings(saved, config, ARCHITECTURE)
+    if changed:
+        raise UserError(f"{source}: a resumed run keeps its architecture ({', '.join(changed)}); drop those flags, "
+                        "or train the new shape from scratch in another out_dir")
+
+
+def refuse_to_overwrite(out_dir):
+    """A new run must not destroy another run's checkpoints."""
+    if any(Path(out_dir).glob("ckpt*.pt")):
+        raise UserError(f"{out_dir} already holds a run's checkpoint; continue it with --init_from=resume, or start "
+                        f"over in another --out_dir (or delete {out_dir} first)")
+
+
+def lock_run_dir(out_dir):
+    """Create out_dir and hold an advisory lock on it for this process's life (the OS drops it when the
+    process dies, however it dies), so two runs never write one run dir at once. Keep the returned file."""
+    path = Path(out_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        handle = open(path / "run.lock", "a")
+    except OSError as e:
+        raise UserError(f"cannot write to out_dir={out_dir} ({e.strerror}); pick another --out_dir") from None
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks, no guard
+        return handle
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise UserError(f"another run is using out_dir={out_dir} (it holds {path / 'run.lock'}); wait for it to "
+                        "end or pick another --out_dir") from None
+    return handle
+
+
+# -----------------------------------------------------------------------------
+# device, distributed, signals
+
+
+def pick_device(device="auto"):
+    """The device to run on: `device` itself, or for "auto" the best one here (cuda > mps > cpu)."""
+    if device != "auto":
+        kind = device.split(":")[0]
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device={device}, but this torch ({torch.__version__}) sees no CUDA GPU; "
+                            "use --device=cpu or install a CUDA build of torch")
+        if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise UserError(f"--device={device}, but MPS is not available here; use --device=cpu")
+        if kind not in ("cuda", "mps", "cpu"):
+            raise UserError(f"--device={device}: use auto, cuda, cuda:N, mps or cpu")
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_autocast(device, dtype="auto"):
+    """(dtype, context) for the forward passes: "auto" is bfloat16 autocast on CUDA, float32 elsewhere."""
+    if dtype == "auto":
+        dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
+    if dtype not in ("bfloat16", "float32"):
+        raise UserError(f"--dtype={dtype}: use bfloat16 or float32")
+    if dtype == "float32":
+        return dtype, contextlib.nullcontext()
+    return dtype, torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+def init_distributed(device):
+    """Join the process group when launched by torchrun; returns (ddp, rank, world_size, device)."""
+    device = pick_device(device)
+    if "RANK" not in os.environ:
+        return False, 0, 1, device
+    import torch.distributed as dist
+
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    return True, dist.get_rank(), dist.get_world_size(), device
+
+
+def param_norm(model):
+    return torch.sqrt(sum(p.detach().float().square().sum() for p in model.parameters())).item()
+
+
+class StopRequest:
+    """SIGINT/SIGTERM ask the loop to finish its step, checkpoint and exit cleanly, instead of dying mid-write.
+    A second signal exits at once, without a checkpoint (the last one written stays good)."""
+
+    def __init__(self):
+        self.signals = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signals:
+            print("second stop signal: exiting now, without a checkpoint", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.signals.append(signum)
+        print("stop signal: finishing this step, then writing a checkpoint (again to exit at once)",
+              file=sys.stderr, flush=True)
+
+    def __call__(self, ddp, device):
+        """True when a signal came; under DDP when one came to any rank, so all stop at the same step
+        (one rank leaving alone would leave the others waiting in all_reduce forever)."""
+        stop = bool(self.signals)
+        if ddp:
+            import torch.distributed as dist
+
+            flag = torch.tensor(float(stop), device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        return stop
+
+
+# -----------------------------------------------------------------------------
+# the run log
+
+
+def versions():
+    """One line naming what produced a run, so a log can be rerun."""
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=5).stdout.strip() or "none"
+        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain"], capture_output=True,
+                               text=True, timeout=5).stdout.strip()
+        commit += "+dirty" if dirty else ""
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    return (f"python {platform.python_version()} | torch {torch.__version__} | cuda {torch.version.cuda} | "
+            f"gpu {gpu} | numpy {np.__version__} | git {commit}")
+
+
+class RunLog:
+    """out_dir/log.txt (readable) and out_dir/metrics.jsonl (one JSON object per logged step).
+
+    A run begins its log with the command, versions and resolved config, and copies the code that
+    produced it (the script and data/*.py) to out_dir/code/. On resume from `resume_step`, what
+    the interrupted run logged after that step is dropped from both files, since the resumed run
+    logs those steps again; a line torn by a crash is dropped too."""
+
+    def __init__(self, out_dir, script, config, resume_step=None, enabled=True, wandb_project=""):
+        self.out_dir, self.enabled, self.wandb = Path(out_dir), enabled, None
+        self.metrics_path, self.log_path = self.out_dir / "metrics.jsonl", self.out_dir / "log.txt"
+        if not enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.metrics_path.write_text("")
+            self.log_path.write_text("")
+        else:
+            self._truncate(resume_step)
+        code = self.out_dir / "code"
+        (code / "data").mkdir(parents=True, exist_ok=True)
+        (code / Path(script).name).write_text(Path(script).read_text())
+        for path in sorted((REPO_ROOT / "data").glob("*.py")):
+            (code / "data" / path.name).write_text(path.read_text())
+        (self.out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        when = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.print(f"=== {when} {'resumed at step ' + str(resume_step) if resume_step is not None else 'new run'}")
+        self.print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+        self.print(versions())
+        self.print("config: " + json.dumps(config))
+        if wandb_project:  # offline too: WANDB_MODE=offline
+            import wandb
+
+            self.wandb = wandb
+            wandb.init(project=wandb_project, name=config.get("wandb_run_name") or None, config=config)
+
+    def _truncate(self, resume_step):
+        def metric_step(line):
+            try:
+                return json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):
+                return None  # torn by a crash mid-write
+
+        def log_step(line):
+            head = line.split(":")[0].split()
+            return int(head[1].split("/")[0]) if len(head) >= 2 and head[0] == "step" and head[1][0].isdigit() else 0
+
+        for path, step_of in ((self.metrics_path, metric_step), (self.log_path, log_step)):
+            if path.exists():
+                lines = path.read_text(errors="replace").splitlines()
+                kept = [line for line in lines if (n := step_of(line)) is not None and n <= resume_step]
+                path.write_text("".join(line + "\n" for line in kept))
+    def print(self, text):
+        if not self.enabled:
+            return
+        print(text, flush=True)
+        with open(self.log_path, "a") as f:
+            f.write(text + "\n")
+
+    def metrics(self, record):
+        """Append one record ({"step": ..., ...}) to metrics.jsonl, and to wandb when it is on."""
+        if not self.enabled:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
