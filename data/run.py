@@ -80,7 +80,9 @@ def parse_config(defaults, argv, positional=None):
             except ModuleNotFoundError:  # Python 3.10
                 import tomli as tomllib
             try:
-                table = tomllib.loads(path.read_text())
+                table = tomllib.loads(path.read_text(encoding="utf-8"))
+            except UnicodeDecodeError as e:
+                raise UserError(f"{arg}: not valid UTF-8 (byte {e.start}); save it as UTF-8") from None
             except tomllib.TOMLDecodeError as e:
                 raise UserError(f"{arg}: not valid TOML ({e})") from None
             for key, value in table.items():

@@ -3,10 +3,16 @@
 The model code is not a module: it is the text between the model markers, copied into every
 stage script. These helpers read that text from any script and run it on its own, so a test can
 build the GPT of train_gpt.py or finetune_sft.py without running the script's training code.
+A stage script itself runs in-process (run_script: no second torch import, ~3 s saved per run)
+or as a subprocess where a test needs a real process (signals, torchrun, exit status).
 """
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,9 +20,16 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from data.common import VOCAB_SIZE, UserError
+
+from data import UserError
+from data.tokenizer import VOCAB_SIZE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = REPO_ROOT / "data" / "samples"
+SAMPLE_SHARDS = SAMPLES / "fineweb_edu"  # 100 real FineWeb-Edu documents, prepared
+SAMPLE_SFT = SAMPLES / "sft"  # 500 real Raschka instruction rows, prepared
+HELLASWAG = SAMPLES / "hellaswag_val_200.jsonl"  # the first 200 rows of the real val set
+RASCHKA = SAMPLES / "raschka_instruction_500.json"
 
 MODEL_BEGIN = "# ----------------------------------------------------------------------------- model\n"
 MODEL_END = "# ----------------------------------------------------------------------------- end of model\n"
@@ -52,6 +65,57 @@ def make_checkpoint(path, arch="gpt2", chat=False, seed=0, script=REPO_ROOT / "t
     torch.save({"model": model.state_dict(), "model_config": asdict(model.config), "chat": chat, "optimizers": [],
                 "config": {"arch": arch}, "step": 0, "best_val_loss": float("inf")}, path)
     return model
+
+
+def run_script(script, *args):
+    """Run a stage script in this process, from the repo root, as `python script args` would, and return
+    its globals. A UserError propagates (the test asserts on it). The run-dir lock, the signal handlers
+    and the excepthook the script takes are given back afterwards."""
+    path = REPO_ROOT / script
+    namespace = {"__name__": "__main__", "__file__": str(path)}
+    argv, hook, cwd = sys.argv, sys.excepthook, os.getcwd()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    sys.argv = [script, *map(str, args)]
+    os.chdir(REPO_ROOT)
+    try:
+        exec(compile(path.read_text(), str(path), "exec"), namespace)
+        return namespace
+    finally:
+        if namespace.get("lock") is not None:
+            namespace["lock"].close()
+        sys.argv, sys.excepthook = argv, hook
+        os.chdir(cwd)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def script_head(script, *args):
+    """The globals of a stage script run up to its setup section (settings, model, helper functions such
+    as the learning-rate schedule) with these command-line args: what a test of those pieces needs."""
+    path = REPO_ROOT / script
+    text = path.read_text()
+    namespace = {"__name__": "__main__", "__file__": str(path)}
+    argv, hook = sys.argv, sys.excepthook
+    sys.argv = [script, *map(str, args)]
+    try:
+        exec(compile(text[: text.index("# ----------------------------------------------------------------------------- "
+                                       "setup")], str(path), "exec"), namespace)
+    finally:
+        sys.argv, sys.excepthook = argv, hook
+    return namespace
+
+
+def run_cli(*args, env=None, timeout=300):
+    """`python args...` in a subprocess from the repo root, as a user types it."""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO_ROOT, capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def assert_one_line_error(result, message):
+    """A refused command: exit status 1, nothing but `error: ...message...` on one line of stderr."""
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
 
 
 def metrics(out_dir):

@@ -1,5 +1,6 @@
-"""train_gpt.py: the model's basic contracts, the optimizer split, and whole runs as a user starts them
-(smoke config on shards from real FineWeb-Edu text): metrics, checkpoints, exact resume, DDP, bad input."""
+"""train_gpt.py: the model's basic contracts, the optimizer split, the learning-rate schedule, and whole
+runs as a user starts them (configs/smoke.toml on the bundled FineWeb-Edu sample): metrics, checkpoints,
+exact resume, DDP, the NaN guard, signals, and every refusal as one line."""
 
 import hashlib
 import json
@@ -7,14 +8,26 @@ import math
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
-from data.common import lr_factor
 from helpers import REPO_ROOT as ROOT
-from helpers import load_model_namespace, metrics, train_records, wait_for_steps
+from helpers import (
+    SAMPLE_SHARDS,
+    assert_one_line_error,
+    load_model_namespace,
+    metrics,
+    run_cli,
+    run_script,
+    script_head,
+    train_records,
+    wait_for_steps,
+)
 
-SHARED_DATA = ROOT.parent / "shared" / "data"
+from data import UserError
+from data.fineweb_edu import main as prep
+from data.run import lock_run_dir
 
 NS = load_model_namespace(ROOT / "train_gpt.py")
 GPT, GPTConfig = NS["GPT"], NS["GPTConfig"]
@@ -74,10 +87,11 @@ def test_overfits_one_batch(arch, optimizer):
 
 
 def test_lr_schedules():
-    cosine = [lr_factor(s, 100, 10, "cosine", 0.1) for s in range(101)]
+    lr_factor = script_head("train_gpt.py", "--max_iters=100", "--warmup_iters=10", "--min_lr_frac=0.1")["get_lr_factor"]
+    cosine = [lr_factor(s) for s in range(101)]
     assert cosine[0] == pytest.approx(0.1) and cosine[9] == 1.0 and cosine[100] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(cosine[9:-1], cosine[10:], strict=True))  # never rises after warmup
-    wsd = [lr_factor(s, 100, 10, "wsd", 0.0, decay_frac=0.2) for s in range(101)]
+    wsd = [lr_factor(s, 10, 100, "wsd", 0.0, decay_frac=0.2) for s in range(101)]
     assert wsd[10:81] == [1.0] * 71 and wsd[90] == pytest.approx(0.5) and wsd[100] == 0.0
 
 
@@ -108,79 +122,77 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest(arch):
 
 # ----------------------------------------------------------------------------- whole runs
 
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shards")
-    subprocess.run([sys.executable, "data/fineweb_edu.py", "--source",
-                    str(SHARED_DATA / "fineweb_edu" / "fineweb_edu_sample10BT_head150.jsonl"), "--out_dir", str(out),
-                    "--val_fraction", "0.1", "--seed", "0", "--num_proc", "1"], cwd=ROOT, check=True,
-                   capture_output=True)
-    return out
+SMOKE = ("configs/smoke.toml", "--device=cpu", "--sample_interval=0", "--hellaswag_interval=0", "--eval_interval=1000")
 
 
-def train_cmd(shards, out_dir, *args):
-    return [sys.executable, "train_gpt.py", "configs/smoke.toml", f"--data_dir={shards}", f"--out_dir={out_dir}",
-            "--device=cpu", "--compile=False", "--sample_interval=0", "--eval_interval=1000", *args]
+def train(out_dir, *args):
+    """train_gpt.py on the bundled sample, in this process; returns the script's globals."""
+    return run_script("train_gpt.py", *SMOKE, f"--out_dir={out_dir}", *args)
 
 
-def train(shards, out_dir, *args, check=True):
-    result = subprocess.run(train_cmd(shards, out_dir, *args), cwd=ROOT, capture_output=True, text=True)
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
+def train_cmd(out_dir, *args):
+    return [sys.executable, "train_gpt.py", *SMOKE, f"--out_dir={out_dir}", *args]
 
 
-def test_smoke_run_writes_metrics_logs_and_a_weights_only_checkpoint(shards, tmp_path):
-    out = tmp_path / "run"
-    hellaswag = SHARED_DATA / "hellaswag" / "hellaswag_val.jsonl"
-    train(shards, out, "--max_iters=6", "--eval_interval=3", "--sample_interval=3", "--hellaswag_interval=3",
-          f"--hellaswag_file={hellaswag}", "--hellaswag_limit=8")
-    records = metrics(out)
+def test_smoke_run_writes_metrics_logs_code_and_a_weights_only_checkpoint(smoke_run):
+    records = metrics(smoke_run)
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
-    assert set(steps[0]) >= {"loss", "lr", "grad_norm", "param_norm", "tokens_per_sec", "mfu"}
+    assert set(steps[0]) >= {"loss", "lr", "grad_norm", "param_norm", "tokens_per_sec", "epoch"}
     assert steps[-1]["loss"] < steps[0]["loss"]
     assert [r["step"] for r in records if "val_loss" in r] == [0, 3, 6]
     assert [r["step"] for r in records if 0 <= r.get("hellaswag", -1) <= 1] == [3, 6]
-    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    ckpt = torch.load(smoke_run / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 6 and ckpt["chat"] is False and ckpt["model_config"]["arch"] == "gpt2"
     assert ckpt["loader"]["position"] == 6 * 2  # 2 micro-batches per step in the smoke config
-    log = (out / "log.txt").read_text()
+    assert ckpt["evals_done"] is True
+    log = (smoke_run / "log.txt").read_text()
     assert "torch " + torch.__version__ in log and "step 3 sample: Once upon a time" in log
-    assert (out / "train_gpt.py").read_text() == (ROOT / "train_gpt.py").read_text()
-    assert json.loads((out / "config.json").read_text())["max_iters"] == 6
+    # the run dir holds all the code that produced it
+    assert (smoke_run / "code" / "train_gpt.py").read_text() == (ROOT / "train_gpt.py").read_text()
+    for module in (ROOT / "data").glob("*.py"):
+        assert (smoke_run / "code" / "data" / module.name).read_text() == module.read_text()
+    assert json.loads((smoke_run / "config.json").read_text())["max_iters"] == 6
 
 
-def test_resume_continues_bitwise_after_a_shorter_run_and_after_sigint(shards, tmp_path):
-    schedule = "--lr_decay_iters=8"  # the same LR schedule for the short run and the full one
-    train(shards, tmp_path / "full", "--max_iters=8", schedule)
+def test_resume_continues_bitwise_after_a_shorter_run_and_after_sigint(tmp_path):
+    schedule = ("--lr_decay_iters=8", "--eval_interval=2")  # the same LR schedule for the short runs and the full one
+    train(tmp_path / "full", "--max_iters=8", *schedule)
     expected = train_records(tmp_path / "full")
+    expected_val = [(r["step"], r["val_loss"]) for r in metrics(tmp_path / "full") if "val_loss" in r]
 
-    train(shards, tmp_path / "short", "--max_iters=3", schedule)
-    # a bare resume: the run's saved settings, not the script's defaults, fill in what is not given
-    subprocess.run([sys.executable, "train_gpt.py", f"--out_dir={tmp_path / 'short'}", "--init_from=resume",
-                    "--max_iters=8"], cwd=ROOT, check=True, capture_output=True)
-    assert train_records(tmp_path / "short") == expected
-
+    # SIGINT (in a real process) at some step, then resume: the same steps, the same val losses, logged once
     out = tmp_path / "interrupted"
-    proc = subprocess.Popen(train_cmd(shards, out, "--max_iters=10000", schedule), cwd=ROOT,
+    proc = subprocess.Popen(train_cmd(out, "--max_iters=10000", *schedule), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for_steps(out, 2)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 0, proc.stderr.read()
     stopped = torch.load(out / "ckpt.pt", weights_only=True)["step"]
     assert 2 <= stopped < 8
-    train(shards, out, "--max_iters=8", schedule, "--init_from=resume")
-    assert train_records(out) == expected
+
+    train(tmp_path / "short", "--max_iters=3", *schedule)
+    # a bare resume: the run's saved settings, not the script's defaults, fill in what is not given
+    run_script("train_gpt.py", f"--out_dir={tmp_path / 'short'}", "--init_from=resume", "--max_iters=8")
+    train(out, "--max_iters=8", *schedule, "--init_from=resume")
+    for run in ("short", "interrupted"):
+        assert train_records(tmp_path / run) == expected, run
+        val = [(r["step"], r["val_loss"]) for r in metrics(tmp_path / run) if "val_loss" in r]
+        assert len({s for s, _ in val}) == len(val), f"{run}: a step's val loss logged twice"
+        # the short run also evaluated its last step, 3
+        assert [v for v in val if v[0] != 3 or run == "interrupted"] == expected_val, run
+        steps = [line.split(", lr")[0] for line in (tmp_path / run / "log.txt").read_text().splitlines()
+                 if line.startswith("step ")]  # the training lines up to their timings
+        assert len(steps) == len(set(steps)), f"{run}: log.txt repeats a step"
 
 
-def test_two_rank_ddp_matches_one_rank_with_twice_the_accumulation(shards, tmp_path):
-    train(shards, tmp_path / "one", "--max_iters=1")
-    cmd = train_cmd(shards, tmp_path / "two", "--max_iters=1")
+def test_two_rank_ddp_matches_one_rank_with_twice_the_accumulation(tmp_path):
+    cmd = train_cmd(tmp_path / "two", "--max_iters=1")
     cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    ddp = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    train(tmp_path / "one", "--max_iters=1")
+    _, stderr = ddp.communicate(timeout=300)
+    assert ddp.returncode == 0, stderr
     (one,), (two,) = train_records(tmp_path / "one"), train_records(tmp_path / "two")
     assert one[1] == pytest.approx(two[1], rel=1e-6) and one[2] == pytest.approx(two[2], rel=1e-5)  # loss, grad norm
     torch.manual_seed(1337)  # the script's seed: the weights both runs started from
@@ -196,30 +208,147 @@ def test_two_rank_ddp_matches_one_rank_with_twice_the_accumulation(shards, tmp_p
             torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5, msg=name)  # 1% of a step
 
 
-def test_nonfinite_loss_stops_without_touching_the_good_checkpoint(shards, tmp_path):
+def test_nonfinite_loss_stops_without_touching_the_good_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
-    train(shards, out, "--max_iters=2")
+    train(out, "--max_iters=2")
     before = hashlib.sha256((out / "ckpt.pt").read_bytes()).hexdigest()
-    result = train(shards, out, "--init_from=resume", "--max_iters=50", "--learning_rate=inf", "--muon_lr=inf",
-                   "--checkpoint_interval=1", check=False)
-    assert result.returncode != 0
-    assert "last good checkpoint" in result.stdout
+    with pytest.raises(SystemExit) as stopped:
+        train(out, "--init_from=resume", "--max_iters=50", "--learning_rate=inf", "--muon_lr=inf",
+              "--checkpoint_interval=1")
+    assert stopped.value.code == 1 and "last good checkpoint" in capsys.readouterr().out
     assert hashlib.sha256((out / "ckpt.pt").read_bytes()).hexdigest() == before
 
 
-@pytest.mark.parametrize("args, message", [
+# ----------------------------------------------------------------------------- refusals, each one line
+
+BAD_SETTINGS = [
     (["--n_layr=3"], "unknown setting 'n_layr' (did you mean n_layer?)"),
     (["--n_layer=two"], "n_layer must be int"),
     (["--total_batch_size=1000"], "must be a multiple of batch_size * block_size"),
     (["--data_dir=/nonexistent"], "python data/fineweb_edu.py --out_dir /nonexistent"),
     (["--init_from=resume"], "not found"),
-])
-def test_bad_settings_are_one_line_errors(shards, tmp_path, args, message):
-    result = train(shards, tmp_path / "run", *args, check=False)
-    assert result.returncode == 1
-    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    (["--init_from=nothing"], "init_from='nothing': use scratch, resume or a GPT-2 name"),
+    (["--arch=gpt3"], "--arch='gpt3': use one of 'gpt2', 'llama'"),
+    (["--loader_mode=zigzag"], "'zigzag'"),
+    (["--optimizer=sgd"], "--optimizer='sgd': use one of 'muon', 'adamw'"),
+    (["--batch_size=0"], "--batch_size=0: must be at least 1"),
+    (["--block_size=-4"], "--block_size=-4: must be at least 1"),
+    (["--eval_interval=0"], "--eval_interval=0: must be at least 1"),
+    (["--log_interval=-1"], "--log_interval=-1: must be at least 1"),
+    (["--checkpoint_interval=0"], "--checkpoint_interval=0: must be at least 1"),
+    (["--total_batch_size=0"], "--total_batch_size=0: must be at least 1"),
+    (["--max_iters=-5"], "--max_iters=-5: must be at least 1"),
+    (["--n_embd=65"], "n_embd=65 is not divisible by n_head=2"),
+    (["--learning_rate=-1e-3"], "--learning_rate=-0.001: must be 0 or more"),
+    (["--muon_lr=nan"], "--muon_lr=nan: must be 0 or more"),
+    (["--device=cuda"], "--device=cuda, but this torch"),
+    (["--device=tpu"], "--device=tpu: use auto, cuda, cuda:N, mps or cpu"),
+]
 
 
-def test_bench_mode_prints_throughput_without_data(tmp_path):
-    result = train(tmp_path / "no_data", tmp_path / "run", "--bench=True", "--bench_steps=2", "--total_batch_size=256")
-    assert "tokens/s" in result.stdout and not (tmp_path / "run").exists()
+@pytest.mark.parametrize("args, message", BAD_SETTINGS, ids=[a[0] for a, _ in BAD_SETTINGS])
+def test_bad_settings_are_refused_before_anything_is_written(tmp_path, args, message):
+    if args == ["--device=cuda"] and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(UserError) as e:
+        run_script("train_gpt.py", *SMOKE, f"--out_dir={tmp_path / 'run'}", *args)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_files_are_refused(tmp_path):
+    def refused(*args):
+        with pytest.raises(UserError) as e:
+            train(*args)
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    (tmp_path / "latin1.toml").write_bytes("max_iters = 3 # d\xe9j\xe0 vu\n".encode("latin-1"))
+    assert "latin1.toml: not valid UTF-8" in refused(tmp_path / "run", tmp_path / "latin1.toml")
+    (tmp_path / "afile").write_text("not a dir")
+    assert "cannot write to out_dir" in refused(tmp_path / "afile", "--max_iters=1")
+    read_only = tmp_path / "read_only"
+    read_only.mkdir(mode=0o555)
+    if not __import__("os").access(read_only, __import__("os").W_OK):  # root writes anywhere
+        assert "cannot write to out_dir" in refused(read_only / "run", "--max_iters=1")
+
+    # damaged checkpoints: each names the file and what is wrong, never a traceback
+    run = tmp_path / "good"
+    train(run, "--max_iters=1")
+    good = torch.load(run / "ckpt.pt", weights_only=True)
+    for name, damaged, message in [
+        ("no_loader", {k: v for k, v in good.items() if k != "loader"}, "has no valid 'loader'"),
+        ("no_optimizers", {k: v for k, v in good.items() if k != "optimizers"}, "has no valid 'optimizers'"),
+        ("bad_config", {**good, "model_config": {"n_layer": [2]}}, "model_config is missing or damaged"),
+        ("sft", {**good, "chat": True}, "was written by finetune_sft.py; resume it with python finetune_sft.py"),
+    ]:
+        (tmp_path / name).mkdir()
+        torch.save(damaged, tmp_path / name / "ckpt.pt")
+        assert message in refused(tmp_path / name, "--init_from=resume"), name
+    (tmp_path / "garbage").mkdir()
+    (tmp_path / "garbage" / "ckpt.pt").write_bytes(b"\x00" * 100)
+    assert "cannot be read as a checkpoint" in refused(tmp_path / "garbage", "--init_from=resume")
+
+
+def test_a_new_run_never_destroys_a_checkpoint_and_two_runs_never_share_a_dir(tmp_path):
+    out = tmp_path / "run"
+    train(out, "--max_iters=1", "--keep_last=2")
+    before = {p.name: p.read_bytes() for p in out.glob("ckpt*.pt")}
+    with pytest.raises(UserError, match="already holds a run's checkpoint; continue it with --init_from=resume"):
+        train(out, "--max_iters=1")
+    assert {p.name: p.read_bytes() for p in out.glob("ckpt*.pt")} == before
+
+    lock = lock_run_dir(out)  # as a run in another process holds it
+    try:
+        with pytest.raises(UserError, match="another run is using out_dir"):
+            train(out, "--init_from=resume", "--max_iters=2")
+    finally:
+        lock.close()
+    train(out, "--init_from=resume", "--max_iters=2")  # the lock is gone with its holder
+
+
+def test_resume_refuses_a_new_shape_warns_of_a_new_schedule_and_survives_damaged_logs(tmp_path, capsys):
+    out = tmp_path / "run"
+    train(out, "--max_iters=3", "--eval_interval=1")
+    with pytest.raises(UserError, match=r"keeps its architecture \(n_layer 2 -> 4\)"):
+        train(out, "--init_from=resume", "--n_layer=4", "--max_iters=4")
+    # a crash can tear the last metrics line; config.json is for people: resume reads the checkpoint
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')
+    (out / "config.json").write_text("{damaged")
+    capsys.readouterr()
+    run_script("train_gpt.py", f"--out_dir={out}", "--init_from=resume", "--max_iters=6")
+    printed = capsys.readouterr().out
+    assert "warning: max_iters 3 -> 6 moves the learning rate at step 3" in printed
+    assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in metrics(out) if "val_loss" in r] == [0, 1, 2, 3, 4, 5, 6]
+
+
+def test_cli_refusals_are_one_line_with_status_1(tmp_path):
+    assert_one_line_error(run_cli(*train_cmd(tmp_path / "run", "--batch_size=0")[1:]), "--batch_size=0")
+    assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_during_a_long_val_pass_stops_promptly_and_twice_exits_at_once(tmp_path):
+    # a val split of ~1M tokens: minutes of evaluation at eval_interval=1
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"Document {i}. " + "the quick brown fox jumps " * 400}) + "\n"
+                            for i in range(500)))
+    prep(["--source", str(docs), "--out_dir", str(tmp_path / "shards"), "--val_fraction=0.5", "--num_proc=1"])
+    args = (f"--data_dir={tmp_path / 'shards'}", "--val_tokens=1000000", "--eval_interval=1", "--max_iters=1000")
+    once = subprocess.Popen(train_cmd(tmp_path / "once", *args), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    twice = subprocess.Popen(train_cmd(tmp_path / "twice", *args), cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    for proc in (once, twice):  # wait until both are evaluating step 0
+        while not proc.stdout.readline().startswith("data:"):
+            pass
+    time.sleep(1)
+    once.send_signal(signal.SIGINT)
+    twice.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    twice.send_signal(signal.SIGINT)
+    assert twice.wait(timeout=10) == 128 + signal.SIGINT
+    assert once.wait(timeout=30) == 0, once.stderr.read()
+    assert torch.load(tmp_path / "once" / "ckpt.pt", weights_only=True)["step"] == 1
+    assert not (tmp_path / "twice" / "ckpt.pt").exists()
