@@ -1,6 +1,7 @@
 """data/fineweb_edu.py: the prep CLI on the bundled FineWeb-Edu sample and on generated inputs."""
 
 import json
+import shlex
 import subprocess
 import sys
 import types
@@ -272,3 +273,35 @@ def test_prep_scripts_do_not_import_torch():
     code = "import sys, data.fineweb_edu, data.sft_mix; assert 'torch' not in sys.modules, 'torch was imported'"
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def test_a_killed_prep_leaves_a_dir_the_loaders_refuse(tmp_path):
+    """SIGKILL halfway through (no cleanup runs), over the complete output of an earlier run: the dir then
+    mixes new and old shards. The loaders refuse it and name the command, which repairs it."""
+    import signal
+    import time
+
+    src = tmp_path / "two_copies.jsonl"
+    src.write_text(REAL.read_text() * 2)
+    out = tmp_path / "out"
+    prep(src, out, "--shard_size", 1000, "--val_fraction", 0.2, "--seed", 1, "--num_proc", 1)  # the earlier run
+    cmd = [sys.executable, "data/fineweb_edu.py", "--source", str(src), "--out_dir", str(out), "--shard_size", "1000",
+           "--val_fraction", "0.2", "--num_proc", "1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = out / "train_000005.bin"
+    before = first.stat().st_mtime_ns
+    deadline = time.time() + 60
+    while first.stat().st_mtime_ns == before and time.time() < deadline:  # the new run has rewritten 5 shards
+        time.sleep(0.002)
+    assert proc.poll() is None, "the prep finished before the kill: give it more shards to write"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with pytest.raises(UserError, match="its data prep did not finish") as e:
+        list_shards(out, "train")
+    fix = e.value.args[0].split("re-run the data prep: ")[1]
+    assert "--seed=1337" in fix and f"--out_dir {out}" in fix  # the killed run's settings, not the earlier one's
+    main(shlex.split(fix)[2:])
+    files = list_shards(out, "train") + list_shards(out, "val")
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert sorted(manifest["files"]) == sorted(f.name for f in files)
+    assert sorted(shard_docs(out, "train") + shard_docs(out, "val")) == sorted(tokenized(real_texts()) * 2)
