@@ -1,4 +1,5 @@
-"""data/fineweb_edu.py: the prep CLI on the bundled FineWeb-Edu sample and on generated inputs."""
+"""data/fineweb_edu.py: the prep CLI on the bundled FineWeb-Edu sample and on generated inputs; and what
+data/sft_mix.py shares with it: the manifest, and duplicates as the tokenizer sees them."""
 
 import json
 import shlex
@@ -10,13 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import data.sft_mix as sft_mix
 from data import UserError
 from data.fineweb_edu import as_tokenized, main, split_hash
-from data.shards import MANIFEST, list_shards, read_header, read_shard
+from data.shards import MANIFEST, list_shards, read_examples, read_header, read_shard, write_shard
 from data.tokenizer import EOT, get_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = REPO / "data" / "samples" / "fineweb_edu_100.jsonl"  # the first 100 documents of FineWeb-Edu sample-10BT
+RASCHKA = REPO / "data" / "samples" / "raschka_instruction_500.json"  # the first 500 of Raschka's instruction data
 
 
 def prep(source, out_dir, *args):
@@ -305,3 +308,59 @@ def test_a_killed_prep_leaves_a_dir_the_loaders_refuse(tmp_path):
     manifest = json.loads((out / MANIFEST).read_text())
     assert sorted(manifest["files"]) == sorted(f.name for f in files)
     assert sorted(shard_docs(out, "train") + shard_docs(out, "val")) == sorted(tokenized(real_texts()) * 2)
+
+
+# -----------------------------------------------------------------------------
+# data/sft_mix.py
+
+
+def mix_args(out_dir, *args):
+    return ["--sources=raschka", f"--raschka={RASCHKA}", f"--out_dir={out_dir}", *map(str, args)]
+
+
+def dir_bytes(d):
+    return {p.name: p.read_bytes() for p in sorted(Path(d).iterdir())}
+
+
+def test_sft_mix_manifest_stale_files_and_interruption(tmp_path, monkeypatch):
+    reference = tmp_path / "reference"
+    sft_mix.main(mix_args(reference, "--seed", 2))
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("train_000000.bin", "train_000001.bin", "val_000000.bin"):  # a pretraining prep's shards
+        write_shard(out / name, [EOT, 1, 2])
+    sft_mix.main(mix_args(out))
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())  # train_000001 gone
+    assert sorted(json.loads((out / MANIFEST).read_text())["files"]) == [
+        "train_000000.bin", "train_offsets.npy", "val_000000.bin", "val_offsets.npy"]
+    before = dir_bytes(out)
+
+    real, calls = sft_mix.write_examples, []
+
+    def crash(*args, **kwargs):  # killed after the train split, before val: new train, old val
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sft_mix, "write_examples", crash)
+    with pytest.raises(KeyboardInterrupt):
+        sft_mix.main(mix_args(out, "--seed", 2))
+    monkeypatch.undo()
+    assert dir_bytes(out)["train_000000.bin"] != before["train_000000.bin"]
+    for split in ("train", "val"):
+        with pytest.raises(UserError, match="its data prep did not finish") as e:
+            read_examples(out, split)
+    fix = e.value.args[0].split("re-run the data prep: ")[1]
+    assert fix.startswith("python data/sft_mix.py --sources=raschka") and "--seed=2" in fix
+    sft_mix.main(shlex.split(fix)[2:])
+    assert dir_bytes(out) == dir_bytes(reference)
+
+
+def test_sft_mix_duplicates_are_judged_as_the_tokenizer_sees_them(tmp_path):
+    rows = [{"instruction": f"Spell caf{mark} number {i}.", "input": "", "output": "Done."}
+            for i in range(4) for mark in ("\ud800", "\ufffd")]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    s = sft_mix.main(["--sources=raschka", f"--raschka={tmp_path / 'rows.json'}", f"--out_dir={tmp_path / 'out'}",
+                      "--val_fraction=0.25"])
+    assert s["sources"]["raschka"]["duplicate"] == 4 and s["train_examples"] + s["val_examples"] == 4
