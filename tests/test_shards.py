@@ -88,8 +88,8 @@ def test_shard_round_trip(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
     write_shard(tmp_path / "empty.bin", [])
     assert read_header(tmp_path / "empty.bin") == 0
-    with pytest.raises(ValueError, match="vocabulary"):
-        write_shard(tmp_path / "big.bin", [1, VOCAB_SIZE])
+    with pytest.raises(ValueError, match="uint16"):
+        write_shard(tmp_path / "big.bin", [1, 2**16])
     assert not (tmp_path / "big.bin").exists()
 
 
@@ -133,7 +133,10 @@ def test_header_errors_name_the_file_and_the_fix(tmp_path, what, message):
 
 
 def test_token_ids_outside_the_vocab_are_refused(tmp_path):
-    """A flipped high bit makes an id past the vocab: reading the shard names it, not the embedding lookup."""
+    """A flipped high bit makes an id past the vocab: reading the shard names it, not the embedding lookup.
+    (write_shard lets such ids through, so tests can make bad shards; the prep never produces them.)"""
+    write_shard(tmp_path / "val_000000.bin", [EOT, VOCAB_SIZE])
+    refused(read_shard, tmp_path / "val_000000.bin", match=f"token 1 is id {VOCAB_SIZE}, outside")
     path = tmp_path / "train_000000.bin"
     write_shard(path, np.arange(20_000, 21_000))
     data = bytearray(path.read_bytes())
