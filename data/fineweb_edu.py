@@ -20,14 +20,17 @@ Documents that are empty or only whitespace are skipped and counted.
 
 Output. Every document is tokenized with the GPT-2 BPE and gets <|endoftext|>
 prepended. It goes to val iff a hash of (seed, its text) falls below
---val_fraction (until val holds --val_tokens, if set), else to train. The rule
-depends only on the text, so duplicates share a split, and a document is never
-cut across splits. Each split is written as shards of exactly --shard_size
-tokens (the last one partial): train_000000.bin, ..., val_000000.bin, ...
-Shards are written atomically and shards of an earlier run that this run did
-not overwrite are deleted, so an interrupted or changed run is fixed by
-running it again. The same inputs and arguments give byte-identical shards,
-whatever --num_proc is.
+--val_fraction, else to train. The rule depends only on the text as the
+tokenizer sees it (lone surrogates, which JSON can carry, become U+FFFD), so
+duplicates share a split, and a document is never cut across splits. Once val
+holds --val_tokens (if set), later val documents are skipped and counted, never
+sent to train. Each split is written as shards of exactly --shard_size tokens
+(the last one partial): train_000000.bin, ..., val_000000.bin, ...
+manifest.json (see data/shards.py) first says the run has not finished and is
+rewritten last to list the shards, so the loaders refuse the dir until a run has
+finished; shards of an earlier run that this run did not overwrite are deleted. An interrupted or
+changed run is fixed by running it again. The same inputs and arguments give
+byte-identical files, whatever --num_proc is.
 """
 
 import argparse
@@ -48,9 +51,10 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from data import UserError, one_line_errors  # noqa: E402
-from data.shards import write_shard  # noqa: E402
+from data.shards import prep_id, remove_stale, start_manifest, write_manifest, write_shard  # noqa: E402
 from data.tokenizer import EOT, get_tokenizer  # noqa: E402
 
+MADE_BY = "data/fineweb_edu.py"  # recorded in the manifest: the fix a loader names is re-running it
 HF_DATASET, HF_CONFIG = "HuggingFaceFW/fineweb-edu", "sample-10BT"
 SUFFIXES = (".jsonl", ".parquet", ".txt")
 MALFORMED_SHOWN = 5  # how many malformed records the summary names
@@ -161,16 +165,28 @@ def open_hub():
 # tokenizing (in worker processes)
 
 
+def as_tokenized(text):
+    """The text as the tokenizer sees it: tiktoken re-decodes a str it cannot encode as UTF-8 (lone
+    surrogates, which JSON can carry) through UTF-16 with errors="replace", so two texts that differ
+    only there give the same ids. Hashing this form keeps such texts on one side of the split."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 def split_hash(text, seed):
-    """A uniform number in [0, 1) fixed by (seed, text): below val_fraction means val."""
+    """A uniform number in [0, 1) fixed by (seed, text): below val_fraction means val. text: as_tokenized."""
     h = hashlib.blake2b(digest_size=8)
     h.update(f"{seed}\0".encode())
-    h.update(text.encode("utf-8", "surrogatepass"))  # JSON can carry lone surrogates
+    h.update(text.encode("utf-8"))
     return int.from_bytes(h.digest(), "little") / 2**64
 
 
 def tokenize_chunk(chunk, seed):
     """Documents -> per document: (split hash, uint16 tokens with EOT first), None if empty, or the Malformed."""
+    chunk = [as_tokenized(d) if isinstance(d, str) else d for d in chunk]
     texts = [d for d in chunk if isinstance(d, str) and d.strip()]
     # one thread: the parallelism is the worker processes
     encoded = iter(get_tokenizer().encode_ordinary_batch(texts, num_threads=1))
@@ -201,12 +217,12 @@ def chunked(docs, n):
 class ShardWriter:
     """Packs one split's documents into shards of exactly shard_size tokens."""
 
-    def __init__(self, out_dir, split, shard_size):
-        self.out_dir, self.split = out_dir, split
+    def __init__(self, out_dir, split, shard_size, prep_id):
+        self.out_dir, self.split, self.prep_id = out_dir, split, prep_id
         self.buf = np.empty(shard_size, dtype=np.uint16)  # untouched pages cost no memory
         self.fill = 0
         self.docs = self.tokens = 0
-        self.written = []
+        self.written = {}  # name -> manifest entry
 
     def add(self, tokens):
         self.docs += 1
@@ -221,20 +237,9 @@ class ShardWriter:
 
     def flush(self):
         if self.fill:
-            path = self.out_dir / f"{self.split}_{len(self.written):06d}.bin"
-            write_shard(path, self.buf[: self.fill])
-            self.written.append(path)
+            name = f"{self.split}_{len(self.written):06d}.bin"
+            self.written[name] = write_shard(self.out_dir / name, self.buf[: self.fill], self.prep_id)
             self.fill = 0
-
-
-def remove_stale(out_dir, split, written):
-    """Delete this split's shards (and temp files) that this run did not write: the loader globs them all."""
-    keep = {p.name for p in written}
-    stale = [p for p in sorted(out_dir.glob(f"{split}_*.bin")) if p.name not in keep]
-    stale += sorted(out_dir.glob(f"{split}_*.bin.tmp"))  # left by a crash inside write_shard
-    for p in stale:
-        p.unlink()
-    return [p.name for p in stale]
 
 
 # -----------------------------------------------------------------------------
@@ -262,7 +267,8 @@ def parse_args(argv):
                         help="stop after the document that brings the total to this many tokens (0: no limit)")
     parser.add_argument("--val_fraction", type=float, default=0.01, help="fraction of documents that go to val")
     parser.add_argument("--val_tokens", type=count, default=0,
-                        help="once val holds this many tokens, all later documents go to train (0: no cap)")
+                        help="once val holds this many tokens, later val documents are skipped, never sent to "
+                             "train (0: no cap)")
     parser.add_argument("--seed", type=int, default=1337, help="seeds the train/val split")
     parser.add_argument("--num_proc", type=int, default=os.cpu_count(), help="tokenizer processes")
     # small enough that a corpus of a few hundred documents still spreads over the workers
@@ -285,10 +291,15 @@ def main(argv=None):
     args = parse_args(argv)
     docs = open_files(resolve_sources(args.source)) if args.source else open_hub()
     out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     get_tokenizer()  # fail here, not in a worker, if the BPE files cannot be loaded; forked workers inherit it
-    writers = {split: ShardWriter(out_dir, split, args.shard_size) for split in ("train", "val")}
-    empty = total = 0
+    # what fixes the output (not --out_dir, --num_proc, --chunk_docs): the manifest and prep id record it
+    settings = {k: getattr(args, k) for k in ("source", "shard_size", "max_tokens", "val_fraction", "val_tokens",
+                                              "seed")}
+    pid = prep_id(MADE_BY, settings)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start_manifest(out_dir, MADE_BY, settings, pid)  # until write_manifest, the loaders refuse this dir
+    writers = {split: ShardWriter(out_dir, split, args.shard_size, pid) for split in ("train", "val")}
+    empty = total = val_full = 0
     malformed = []
     stopped = False
     tokenize = partial(tokenize_chunk, seed=args.seed)
@@ -305,9 +316,13 @@ def main(argv=None):
                         malformed.append(doc)
                     else:
                         u, tokens = doc
-                        val = writers["val"]
-                        to_val = u < args.val_fraction and (not args.val_tokens or val.tokens < args.val_tokens)
-                        (val if to_val else writers["train"]).add(tokens)
+                        if u >= args.val_fraction:
+                            writers["train"].add(tokens)
+                        elif not args.val_tokens or writers["val"].tokens < args.val_tokens:
+                            writers["val"].add(tokens)
+                        else:  # a val document once val is full: in train its copies would leak val
+                            val_full += 1
+                            continue
                         total += len(tokens)
                         bar.update(len(tokens))
                         if args.max_tokens and total >= args.max_tokens:
@@ -320,7 +335,7 @@ def main(argv=None):
             pool.terminate()  # also stops workers still busy with read-ahead past --max_tokens
 
     train, val = writers["train"], writers["val"]
-    docs_read = train.docs + val.docs + empty + len(malformed)
+    docs_read = train.docs + val.docs + val_full + empty + len(malformed)
     if total == 0:
         raise UserError(
             f"no text to tokenize: {docs_read} documents read, {empty} empty, {len(malformed)} malformed"
@@ -328,28 +343,31 @@ def main(argv=None):
         )
     for w in writers.values():
         w.flush()
-    summary = {
-        "out_dir": str(out_dir),
+    counts = {
         "docs_read": docs_read,
         "train_docs": train.docs,
         "val_docs": val.docs,
+        "val_full_skipped": val_full,
         "empty_skipped": empty,
         "malformed": len(malformed),
-        "malformed_examples": [f"{m.where}: {m.why}" for m in malformed[:MALFORMED_SHOWN]],
         "train_tokens": train.tokens,
         "val_tokens": val.tokens,
         "train_shards": len(train.written),
         "val_shards": len(val.written),
         "stopped_at_max_tokens": stopped,
-        "stale_removed": [name for split, w in writers.items() for name in remove_stale(out_dir, split, w.written)],
     }
+    stale = [name for split, w in writers.items() for name in remove_stale(out_dir, split, w.written)]
+    write_manifest(out_dir, {**train.written, **val.written}, MADE_BY, settings, counts, pid)
+    summary = {"out_dir": str(out_dir), **counts, "stale_removed": stale,
+               "malformed_examples": [f"{m.where}: {m.why}" for m in malformed[:MALFORMED_SHOWN]]}
     print_summary(summary)
     return summary
 
 
 def print_summary(s):
     print(f"read {s['docs_read']:,} documents: {s['train_docs']:,} train, {s['val_docs']:,} val, "
-          f"{s['empty_skipped']:,} empty (skipped), {s['malformed']:,} malformed (skipped)"
+          + (f"{s['val_full_skipped']:,} val past --val_tokens (skipped), " if s["val_full_skipped"] else "")
+          + f"{s['empty_skipped']:,} empty (skipped), {s['malformed']:,} malformed (skipped)"
           + (" -- stopped at --max_tokens" if s["stopped_at_max_tokens"] else ""))
     for m in s["malformed_examples"]:
         print(f"  malformed: {m}")
@@ -360,6 +378,7 @@ def print_summary(s):
             print(f"warning: no {split} documents, so no {split} shards; the training script needs both splits")
     if s["stale_removed"]:
         print(f"removed {len(s['stale_removed'])} stale shard files of an earlier run: {', '.join(s['stale_removed'])}")
+    print(f"wrote {s['out_dir']}/manifest.json: the loaders check the shards against it")
 
 
 if __name__ == "__main__":

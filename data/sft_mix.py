@@ -22,8 +22,9 @@ without a reply is dropped), and the token limits apply to every turn.
 
 Filters, in this order, each counted per source: malformed rows (missing fields, wrong types, turns
 that do not alternate user/assistant), empty prompts or responses, (alpaca) too many characters, exact
-duplicates of an earlier example of any source, and prompts or responses over --max_prompt_tokens /
---max_response_tokens tokens.
+duplicates of an earlier example of any source (compared as the tokenizer sees the text: lone
+surrogates become U+FFFD), and prompts or responses over --max_prompt_tokens / --max_response_tokens
+tokens.
 
 Mixing. --weights NAME=W,... (1 for each source not named): W <= 1 keeps that fraction of the
 source's surviving examples (a seeded random subset); W > 1 keeps them all and repeats its train
@@ -31,8 +32,10 @@ examples W times on average. --val_fraction of the kept examples of all sources 
 held out as val before any repeating, so no val example is ever in train too.
 
 Output in --out_dir: train and val, each as the examples' tokens back to back in {split}_000000.bin
-plus {split}_offsets.npy (data/shards.py write_examples), in a seeded random order, and summary.json
-with the counts. An example is <|endoftext|> (where every pretraining document starts), then per turn
+plus {split}_offsets.npy (data/shards.py write_examples), in a seeded random order, summary.json
+with the counts, and last manifest.json (data/shards.py: first one saying the run has not
+finished, so the loader refuses the dir until it has; split files this run did not write are deleted).
+An example is <|endoftext|> (where every pretraining document starts), then per turn
 `<|user|>{prompt}<|assistant|>{response}<|endoftext|>` with single special ids (data/tokenizer.py
 render_chat); the loss mask is re-derived from those ids when training.
 The same inputs and arguments give byte-identical files.
@@ -41,6 +44,7 @@ The same inputs and arguments give byte-identical files.
 import argparse
 import hashlib
 import json
+import os
 import sys
 import urllib.request
 from pathlib import Path
@@ -51,9 +55,11 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from data import UserError, one_line_errors  # noqa: E402
-from data.shards import write_examples  # noqa: E402
+from data.fineweb_edu import as_tokenized  # noqa: E402
+from data.shards import prep_id, remove_stale, start_manifest, write_examples, write_manifest  # noqa: E402
 from data.tokenizer import EOT, render_chat  # noqa: E402
 
+MADE_BY = "data/sft_mix.py"  # recorded in the manifest: the fix a loader names is re-running it
 SOURCES = ("smoltalk", "raschka", "alpaca")
 HUB = {"smoltalk": "HuggingFaceTB/smol-smoltalk", "alpaca": "yahma/alpaca-cleaned"}
 RASCHKA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/"
@@ -170,6 +176,8 @@ def collect(source, rows, name, args, seen):
     for row in tqdm(rows, desc=source, unit=" rows", leave=False):
         counts["rows"] += 1
         turns = TURNS[source](row, args.multi_turn)
+        if isinstance(turns, list):  # so two rows that tokenize alike are duplicates
+            turns = [(as_tokenized(p), as_tokenized(r)) for p, r in turns]
         if isinstance(turns, str):
             counts[turns] += 1
         elif not all(p and r for p, r in turns):
@@ -224,6 +232,11 @@ def parse_args(argv):
             raise UserError(f"--weights {item!r}: use NAME=W with W >= 0 and NAME one of --sources "
                             f"({', '.join(args.sources)})")
         weights[source] = weight
+    args.settings = {  # what fixes the output, for the manifest: the command line that remakes it
+        "sources": ",".join(args.sources), **{s: getattr(args, s) for s in SOURCES}, "multi_turn": args.multi_turn,
+        **{k: getattr(args, k) for k in ("max_prompt_tokens", "max_response_tokens", "alpaca_max_chars")},
+        "weights": ",".join(f"{s}={w:g}" for s, w in weights.items()), "val_fraction": args.val_fraction,
+        "seed": args.seed}
     args.weights = weights
     if not 0 < args.val_fraction < 1:
         raise UserError(f"--val_fraction {args.val_fraction}: must be between 0 and 1 (finetune_sft.py needs val)")
@@ -270,10 +283,10 @@ def main(argv=None):
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_examples(out_dir, "train", train)
-    write_examples(out_dir, "val", val)
+    pid = prep_id(MADE_BY, args.settings)
+    start_manifest(out_dir, MADE_BY, args.settings, pid)  # until write_manifest, the loader refuses this dir
+    files = {**write_examples(out_dir, "train", train, pid), **write_examples(out_dir, "val", val, pid)}
     summary = {
-        "out_dir": str(out_dir),
         "multi_turn": args.multi_turn,
         "sources": stats,
         "train_examples": len(train),
@@ -281,12 +294,17 @@ def main(argv=None):
         "train_tokens": int(sum(len(x) for x in train)),
         "val_tokens": int(sum(len(x) for x in val)),
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print_summary(summary, args)
+    tmp = out_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, out_dir / "summary.json")
+    stale = [name for split in ("train", "val") for name in remove_stale(out_dir, split, files)]
+    counts = {k: summary[k] for k in ("train_examples", "val_examples", "train_tokens", "val_tokens")}
+    write_manifest(out_dir, files, MADE_BY, args.settings, counts, pid)
+    print_summary(summary, args, stale)
     return summary
 
 
-def print_summary(s, args):
+def print_summary(s, args, stale):
     for source, c in s["sources"].items():
         dropped = ", ".join(f"{c[r]:,} {r}" for r in REASONS if c[r]) or "none dropped"
         print(f"{source} ({c['file']}): {c['rows']:,} rows -> {c['kept']:,} kept ({dropped}); "
@@ -294,7 +312,10 @@ def print_summary(s, args):
     print(f"limits: prompt <= {args.max_prompt_tokens} tokens, response <= {args.max_response_tokens} tokens"
           + (f", alpaca <= {args.alpaca_max_chars} characters" if "alpaca" in s["sources"] else ""))
     for split in ("train", "val"):
-        print(f"{split}: {s[split + '_examples']:,} examples, {s[split + '_tokens']:,} tokens in {s['out_dir']}")
+        print(f"{split}: {s[split + '_examples']:,} examples, {s[split + '_tokens']:,} tokens in {args.out_dir}")
+    if stale:
+        print(f"removed {len(stale)} stale files of an earlier run: {', '.join(stale)}")
+    print(f"wrote {args.out_dir}/manifest.json: the loader checks the examples against it")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""data/fineweb_edu.py: the prep CLI on the real FineWeb-Edu head and on generated inputs."""
+"""data/fineweb_edu.py: the prep CLI on the bundled FineWeb-Edu sample and on generated inputs; and what
+data/sft_mix.py shares with it: the manifest, and duplicates as the tokenizer sees them."""
 
 import json
-import os
+import shlex
 import subprocess
 import sys
 import types
@@ -10,16 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import data.sft_mix as sft_mix
+from data import UserError
+from data.fineweb_edu import as_tokenized, main, split_hash
+from data.shards import MANIFEST, list_shards, read_examples, read_header, read_shard, write_shard
+from data.tokenizer import EOT, get_tokenizer
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
-sys.path.insert(0, str(REPO))
-
-from data.common import EOT, get_tokenizer, list_shards, read_header, read_shard  # noqa: E402
-
-from data.fineweb_edu import main  # noqa: E402
-
-REAL = SHARED / "data" / "fineweb_edu" / "fineweb_edu_sample10BT_head150.jsonl"
+REAL = REPO / "data" / "samples" / "fineweb_edu_100.jsonl"  # the first 100 documents of FineWeb-Edu sample-10BT
+RASCHKA = REPO / "data" / "samples" / "raschka_instruction_500.json"  # the first 500 of Raschka's instruction data
 
 
 def prep(source, out_dir, *args):
@@ -48,7 +48,8 @@ def real_texts():
 
 
 def file_bytes(out_dir):
-    return {p.name: p.read_bytes() for p in sorted(Path(out_dir).glob("*.bin"))}
+    """Every file the prep wrote, the manifest included."""
+    return {p.name: p.read_bytes() for p in sorted(Path(out_dir).iterdir())}
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +61,9 @@ def real_prep(tmp_path_factory):
 
 def test_real_corpus_shards_and_accounting(real_prep):
     out, s = real_prep
-    assert s["docs_read"] == 150 == s["train_docs"] + s["val_docs"] + s["empty_skipped"] + s["malformed"]
-    assert s["empty_skipped"] == s["malformed"] == 0
-    assert 0 < s["val_docs"] < 60  # ~20% of 150
+    assert s["docs_read"] == 100 == s["train_docs"] + s["val_docs"] + s["empty_skipped"] + s["malformed"]
+    assert s["empty_skipped"] == s["malformed"] == s["val_full_skipped"] == 0
+    assert 5 < s["val_docs"] < 40  # ~20% of 100
     for split in ("train", "val"):
         files = list_shards(out, split)
         sizes = [read_header(f) for f in files]
@@ -90,7 +91,7 @@ def test_deterministic_across_num_proc_and_chunking(real_prep, tmp_path):
         assert file_bytes(again) == reference
     reseeded = prep(REAL, tmp_path / "seed", "--val_fraction", 0.2, "--shard_size", 8000, "--seed", 1,
                     "--num_proc", 1)
-    assert shard_docs(tmp_path / "seed", "val") != shard_docs(out, "val") and reseeded["docs_read"] == 150
+    assert shard_docs(tmp_path / "seed", "val") != shard_docs(out, "val") and reseeded["docs_read"] == 100
 
 
 def test_generated_docs_empty_duplicate_malformed(tmp_path):
@@ -131,16 +132,51 @@ def test_val_tokens_cap(tmp_path):
     val = shard_docs(tmp_path / "capped", "val")
     assert free["val_tokens"] > 5000
     assert capped["val_tokens"] >= 5000 > capped["val_tokens"] - len(val[-1])
-    assert val == shard_docs(tmp_path / "free", "val")[: len(val)]  # the first val docs, then only train
-    assert capped["train_docs"] + capped["val_docs"] == 150
-    assert capped["train_tokens"] + capped["val_tokens"] == free["train_tokens"] + free["val_tokens"]
+    assert val == shard_docs(tmp_path / "free", "val")[: len(val)]  # the first val docs
+    # the later val documents are skipped and counted; train is exactly the uncapped train
+    assert shard_docs(tmp_path / "capped", "train") == shard_docs(tmp_path / "free", "train")
+    assert capped["val_full_skipped"] == free["val_docs"] - capped["val_docs"] > 0
+    assert capped["docs_read"] == 100 == capped["train_docs"] + capped["val_docs"] + capped["val_full_skipped"]
+
+
+def test_val_tokens_cap_never_leaks_copies_of_val_documents_into_train(tmp_path):
+    """Copies of a val document after val is full are skipped, never sent to train."""
+    distinct = [f"document {i}: " + "lorem ipsum " * (i % 5 + 1) for i in range(60)]
+    src = tmp_path / "dups.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for _ in range(3) for d in distinct))  # 3 passes
+    free = prep(src, tmp_path / "free", "--val_fraction", 0.3, "--num_proc", 1)
+    capped = prep(src, tmp_path / "capped", "--val_fraction", 0.3, "--val_tokens", 50, "--num_proc", 1)
+    train, val = shard_docs(tmp_path / "capped", "train"), shard_docs(tmp_path / "capped", "val")
+    assert not set(train) & set(val)
+    for doc in tokenized(distinct):
+        assert train.count(doc) in (0, 3)  # all copies of a document, or none
+    assert 0 < capped["val_tokens"] < free["val_tokens"] and capped["val_full_skipped"] > 0
+    assert train == shard_docs(tmp_path / "free", "train")
+    assert capped["val_docs"] + capped["val_full_skipped"] == free["val_docs"]
+
+
+def test_texts_that_tokenize_alike_share_a_split(tmp_path):
+    """JSON can carry lone surrogates; the tokenizer sees U+FFFD there, and so does the split."""
+    pairs = [(f"note {i}: caf\ud800 and more", f"note {i}: caf\ufffd and more") for i in range(40)]
+    enc = get_tokenizer()
+    for raw, clean in pairs[:3]:
+        assert as_tokenized(raw) == clean and enc.encode_ordinary(raw) == enc.encode_ordinary(clean)
+        assert all(split_hash(as_tokenized(raw), seed) == split_hash(clean, seed) for seed in range(5))
+    assert as_tokenized("\ud83d\ude00") == "\U0001F600"  # a surrogate pair becomes the character, as in tiktoken
+    src = tmp_path / "surrogates.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for pair in pairs for t in pair))
+    s = prep(src, tmp_path / "out", "--val_fraction", 0.5, "--num_proc", 1)
+    train, val = shard_docs(tmp_path / "out", "train"), shard_docs(tmp_path / "out", "val")
+    assert s["train_docs"] and s["val_docs"]
+    for doc in tokenized([clean for _, clean in pairs]):
+        assert sorted((train.count(doc), val.count(doc))) == [0, 2]
 
 
 def test_max_tokens_stops_after_whole_document(tmp_path):
     s = prep(REAL, tmp_path, "--max_tokens", 20_000, "--val_fraction", 0.2, "--num_proc", 2, "--chunk_docs", 4)
     expected = tokenized(real_texts())[: s["docs_read"]]
     written = s["train_tokens"] + s["val_tokens"]
-    assert s["stopped_at_max_tokens"] and s["docs_read"] < 150
+    assert s["stopped_at_max_tokens"] and s["docs_read"] < 100
     assert written == sum(map(len, expected)) and written >= 20_000 > written - len(expected[-1])
     assert sorted(shard_docs(tmp_path, "train") + shard_docs(tmp_path, "val")) == sorted(expected)
 
@@ -168,22 +204,25 @@ def test_parquet_source(tmp_path):
     assert shard_docs(tmp_path / "out", "train") == tokenized(["alpha beta", "gamma delta"])
 
     pq.write_table(pa.table({"content": ["x"]}), tmp_path / "notext.parquet")
-    with pytest.raises(SystemExit, match="notext.parquet: no 'text' column"):
+    with pytest.raises(UserError, match="notext.parquet: no 'text' column"):
         prep(tmp_path / "notext.parquet", tmp_path / "out2", "--num_proc", 2)
 
 
 def test_source_errors(tmp_path):
     pattern = str(tmp_path / "nothing_*.jsonl")
-    with pytest.raises(SystemExit, match="matches no files") as e:
+    with pytest.raises(UserError, match="matches no files") as e:
         prep(pattern, tmp_path / "out")
     assert pattern in str(e.value)
-    with pytest.raises(SystemExit, match="no such file"):
+    with pytest.raises(UserError, match="no such file"):
         prep(tmp_path / "missing.jsonl", tmp_path / "out")
     (tmp_path / "nothing.jsonl").write_text('{"text": " "}\nnot json\n')
-    with pytest.raises(SystemExit, match="no text to tokenize.*1 empty, 1 malformed"):
+    with pytest.raises(UserError, match="no text to tokenize.*1 empty, 1 malformed"):
         prep(tmp_path / "nothing.jsonl", tmp_path / "out")
-    for bad in ("0", str(2**31), "1.5"):
-        with pytest.raises(SystemExit):
+    for bad in ("0", str(2**31)):
+        with pytest.raises(UserError, match="--shard_size"):
+            prep(REAL, tmp_path / "out", "--shard_size", bad)
+    for bad in ("1.5", "x"):
+        with pytest.raises(SystemExit):  # argparse's own usage error
             prep(REAL, tmp_path / "out", "--shard_size", bad)
 
 
@@ -204,9 +243,9 @@ def test_hub_source(tmp_path, monkeypatch):
         raise ConnectionError("Couldn't reach 'HuggingFaceFW/fineweb-edu' on the Hub")
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
-    with pytest.raises(SystemExit, match="--source") as e:
+    with pytest.raises(UserError, match="--source") as e:
         main(["--out_dir", str(tmp_path / "out")])
-    assert str(e.value).startswith("error: ") and "\n" not in str(e.value)
+    assert "\n" not in str(e.value)
 
 
 def test_rerun_removes_stale_shards(tmp_path):
@@ -228,5 +267,100 @@ def test_cli_subprocess(tmp_path):
            "--val_fraction", "0.2", "--seed", "7"]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "read 150 documents" in r.stdout
+    assert "read 100 documents" in r.stdout
     assert list_shards(out, "train") and list_shards(out, "val")
+    assert json.loads((out / MANIFEST).read_text())["settings"]["seed"] == 7
+
+
+def test_prep_scripts_do_not_import_torch():
+    code = "import sys, data.fineweb_edu, data.sft_mix; assert 'torch' not in sys.modules, 'torch was imported'"
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+def test_a_killed_prep_leaves_a_dir_the_loaders_refuse(tmp_path):
+    """SIGKILL halfway through (no cleanup runs), over the complete output of an earlier run: the dir then
+    mixes new and old shards. The loaders refuse it and name the command, which repairs it."""
+    import signal
+    import time
+
+    src = tmp_path / "two_copies.jsonl"
+    src.write_text(REAL.read_text() * 2)
+    out = tmp_path / "out"
+    prep(src, out, "--shard_size", 1000, "--val_fraction", 0.2, "--seed", 1, "--num_proc", 1)  # the earlier run
+    cmd = [sys.executable, "data/fineweb_edu.py", "--source", str(src), "--out_dir", str(out), "--shard_size", "1000",
+           "--val_fraction", "0.2", "--num_proc", "1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = out / "train_000005.bin"
+    before = first.stat().st_mtime_ns
+    deadline = time.time() + 60
+    while first.stat().st_mtime_ns == before and time.time() < deadline:  # the new run has rewritten 5 shards
+        time.sleep(0.002)
+    assert proc.poll() is None, "the prep finished before the kill: give it more shards to write"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with pytest.raises(UserError, match="its data prep did not finish") as e:
+        list_shards(out, "train")
+    fix = e.value.args[0].split("re-run the data prep: ")[1]
+    assert "--seed=1337" in fix and f"--out_dir {out}" in fix  # the killed run's settings, not the earlier one's
+    main(shlex.split(fix)[2:])
+    files = list_shards(out, "train") + list_shards(out, "val")
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert sorted(manifest["files"]) == sorted(f.name for f in files)
+    assert sorted(shard_docs(out, "train") + shard_docs(out, "val")) == sorted(tokenized(real_texts()) * 2)
+
+
+# -----------------------------------------------------------------------------
+# data/sft_mix.py
+
+
+def mix_args(out_dir, *args):
+    return ["--sources=raschka", f"--raschka={RASCHKA}", f"--out_dir={out_dir}", *map(str, args)]
+
+
+def dir_bytes(d):
+    return {p.name: p.read_bytes() for p in sorted(Path(d).iterdir())}
+
+
+def test_sft_mix_manifest_stale_files_and_interruption(tmp_path, monkeypatch):
+    reference = tmp_path / "reference"
+    sft_mix.main(mix_args(reference, "--seed", 2))
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("train_000000.bin", "train_000001.bin", "val_000000.bin"):  # a pretraining prep's shards
+        write_shard(out / name, [EOT, 1, 2])
+    sft_mix.main(mix_args(out))
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())  # train_000001 gone
+    assert sorted(json.loads((out / MANIFEST).read_text())["files"]) == [
+        "train_000000.bin", "train_offsets.npy", "val_000000.bin", "val_offsets.npy"]
+    before = dir_bytes(out)
+
+    real, calls = sft_mix.write_examples, []
+
+    def crash(*args, **kwargs):  # killed after the train split, before val: new train, old val
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sft_mix, "write_examples", crash)
+    with pytest.raises(KeyboardInterrupt):
+        sft_mix.main(mix_args(out, "--seed", 2))
+    monkeypatch.undo()
+    assert dir_bytes(out)["train_000000.bin"] != before["train_000000.bin"]
+    for split in ("train", "val"):
+        with pytest.raises(UserError, match="its data prep did not finish") as e:
+            read_examples(out, split)
+    fix = e.value.args[0].split("re-run the data prep: ")[1]
+    assert fix.startswith("python data/sft_mix.py --sources=raschka") and "--seed=2" in fix
+    sft_mix.main(shlex.split(fix)[2:])
+    assert dir_bytes(out) == dir_bytes(reference)
+
+
+def test_sft_mix_duplicates_are_judged_as_the_tokenizer_sees_them(tmp_path):
+    rows = [{"instruction": f"Spell caf{mark} number {i}.", "input": "", "output": "Done."}
+            for i in range(4) for mark in ("\ud800", "\ufffd")]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    s = sft_mix.main(["--sources=raschka", f"--raschka={tmp_path / 'rows.json'}", f"--out_dir={tmp_path / 'out'}",
+                      "--val_fraction=0.25"])
+    assert s["sources"]["raschka"]["duplicate"] == 4 and s["train_examples"] + s["val_examples"] == 4
