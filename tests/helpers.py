@@ -98,8 +98,8 @@ def script_head(script, *args):
     argv, hook = sys.argv, sys.excepthook
     sys.argv = [script, *map(str, args)]
     try:
-        exec(compile(text[: text.index("# ----------------------------------------------------------------------------- "
-                                       "setup")], str(path), "exec"), namespace)
+        head = text[: text.index("# ----------------------------------------------------------------------------- setup")]
+        exec(compile(head, str(path), "exec"), namespace)
     finally:
         sys.argv, sys.excepthook = argv, hook
     return namespace

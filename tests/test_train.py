@@ -14,7 +14,6 @@ import pytest
 import torch
 from helpers import REPO_ROOT as ROOT
 from helpers import (
-    SAMPLE_SHARDS,
     assert_one_line_error,
     load_model_namespace,
     metrics,
@@ -87,7 +86,8 @@ def test_overfits_one_batch(arch, optimizer):
 
 
 def test_lr_schedules():
-    lr_factor = script_head("train_gpt.py", "--max_iters=100", "--warmup_iters=10", "--min_lr_frac=0.1")["get_lr_factor"]
+    settings = ("--max_iters=100", "--warmup_iters=10", "--min_lr_frac=0.1")
+    lr_factor = script_head("train_gpt.py", *settings)["get_lr_factor"]
     cosine = [lr_factor(s) for s in range(101)]
     assert cosine[0] == pytest.approx(0.1) and cosine[9] == 1.0 and cosine[100] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(cosine[9:-1], cosine[10:], strict=True))  # never rises after warmup
