@@ -98,7 +98,7 @@ def script_head(script, *args):
     argv, hook = sys.argv, sys.excepthook
     sys.argv = [script, *map(str, args)]
     try:
-        head = text[: text.index("# ----------------------------------------------------------------------------- setup")]
+        head = text[: text.index(MODEL_BEGIN.replace("model\n", "setup"))]
         exec(compile(head, str(path), "exec"), namespace)
     finally:
         sys.argv, sys.excepthook = argv, hook
