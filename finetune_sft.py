@@ -30,7 +30,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import UserError, one_line_errors
-from data.checkpoint import load_checkpoint, resolve_checkpoint, rng_states, save_checkpoint, set_rng_states
+from data.checkpoint import (
+    check_resumable,
+    load_checkpoint,
+    resolve_checkpoint,
+    rng_states,
+    save_checkpoint,
+    set_rng_states,
+)
 from data.hellaswag import hellaswag_score, load_hellaswag
 from data.loaders import ExampleLoader
 from data.run import (
@@ -428,10 +435,12 @@ if not resume and ckpt_path.resolve().parent == Path(out_dir).resolve():
                     "pick another out_dir, or --init_from=resume to continue a fine-tune")
 if not resume:
     refuse_to_overwrite(out_dir)
-checkpoint = load_checkpoint(ckpt_path, device, training=resume)  # the base model, or the run to resume
-if resume and not checkpoint["chat"]:
+checkpoint = load_checkpoint(ckpt_path, device)  # the base model, or the run to resume
+if resume and not checkpoint.get("chat"):
     raise UserError(f"{ckpt_path} was not written by finetune_sft.py; to fine-tune it, pass --init_from={out_dir} "
                     "and another out_dir")
+if resume:
+    check_resumable(checkpoint, ckpt_path)
 model = GPT.from_checkpoint(checkpoint, str(ckpt_path))
 if model.config.vocab_size <= ASSISTANT:
     raise UserError(f"{ckpt_path}: vocab_size {model.config.vocab_size} has no room for the chat tokens (ids up to "

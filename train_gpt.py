@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import UserError, one_line_errors
-from data.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
+from data.checkpoint import check_resumable, load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from data.hellaswag import hellaswag_score, load_hellaswag
 from data.loaders import BatchLoader, ValData
 from data.run import (
@@ -455,10 +455,11 @@ if hellaswag_interval > 0:
 
 checkpoint = None  # the dict to resume from
 if init_from == "resume":
-    checkpoint = load_checkpoint(out_dir, device, training=True)
-    if checkpoint["chat"]:
+    checkpoint = load_checkpoint(out_dir, device)
+    if checkpoint.get("chat"):
         raise UserError(f"{out_dir}/ckpt.pt was written by finetune_sft.py; resume it with "
                         f"python finetune_sft.py --out_dir={out_dir} --init_from=resume")
+    check_resumable(checkpoint, f"{out_dir}/ckpt.pt")
     model = GPT.from_checkpoint(checkpoint, f"{out_dir}/ckpt.pt")
     refuse_architecture_change(checkpoint["config"], config, f"{out_dir}/ckpt.pt")
 elif init_from == "scratch":

@@ -92,9 +92,9 @@ TRAINING_KEYS = {"config": dict, "step": int, "best_val_loss": float, "optimizer
                  "rng": dict, "chat": bool, "evals_done": bool}
 
 
-def load_checkpoint(path, device="cpu", training=False):
+def load_checkpoint(path, device="cpu"):
     """Load a checkpoint with weights_only=True: plain tensors and types, no pickled code. A file that
-    is not one of ours is a one-line error; training=True also checks what resuming a run needs."""
+    is not one of ours is a one-line error."""
     path = resolve_checkpoint(path)
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
@@ -107,8 +107,12 @@ def load_checkpoint(path, device="cpu", training=False):
     if not isinstance(config, dict) or not all(isinstance(k, str) and type(v) in (int, float, bool, str)
                                                for k, v in config.items()):
         raise UserError(f"{path}: its model_config is missing or damaged; it cannot rebuild a model")
-    for key, kind in TRAINING_KEYS.items() if training else ():
+    return ckpt
+
+
+def check_resumable(ckpt, path):
+    """A one-line error unless the checkpoint holds all that resuming its run exactly needs."""
+    for key, kind in TRAINING_KEYS.items():
         if not isinstance(ckpt.get(key), kind):
             raise UserError(f"{path}: has no valid {key!r}, so the run cannot continue exactly from it; "
                             "fine-tune or sample from it instead, or train a new run")
-    return ckpt

@@ -1,25 +1,30 @@
-"""eval_hellaswag.py and sample.py on tiny random models: CPU only, offline, seconds."""
+"""eval_hellaswag.py, data/hellaswag.py and sample.py: on tiny random models, on the shared smoke run,
+and on the bundled HellaSwag rows; CPU only, offline, seconds."""
 
 import io
 import json
-import os
+import signal
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
-
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "tiktoken_cache"))
 
 import pytest
 import torch
-from data.common import EOT, VOCAB_SIZE, UserError, chat_prompt, get_tokenizer
-from helpers import REPO_ROOT, make_checkpoint
+from helpers import (
+    HELLASWAG,
+    REPO_ROOT,
+    assert_one_line_error,
+    load_model_namespace,
+    make_checkpoint,
+    run_cli,
+    run_script,
+)
 
-import eval_hellaswag
-import sample
+import data.hellaswag as hellaswag
+from data import UserError
+from data.tokenizer import EOT, VOCAB_SIZE, chat_prompt, get_tokenizer
 
-HELLASWAG = REPO_ROOT.parent / "shared" / "data" / "hellaswag" / "hellaswag_val.jsonl"
-needs_hellaswag = pytest.mark.skipif(not HELLASWAG.is_file(), reason=f"{HELLASWAG} not found")
+sample_logits = load_model_namespace(REPO_ROOT / "sample.py")["sample_logits"]
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +36,7 @@ def run_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def examples():
-    return eval_hellaswag.load_hellaswag(HELLASWAG, limit=16) if HELLASWAG.is_file() else []
-
-
-def run_script(*args):
-    return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    return hellaswag.load_hellaswag(HELLASWAG, limit=16)
 
 
 def greedy_text(model, ids, n):
@@ -48,51 +49,47 @@ def greedy_text(model, ids, n):
 # ----------------------------------------------------------------------------- HellaSwag
 
 
-@needs_hellaswag
 def test_render_real_row(examples):
     enc = get_tokenizer()
     example = examples[0]
     assert example["ctx"] == "A man is sitting on a roof. he" and example["label"] == 3
-    rows = eval_hellaswag.render_example(example, block_size=1024)
+    rows = hellaswag.render_example(example, block_size=1024)
     context = enc.encode_ordinary(example["ctx"])
     n = len(context)
     for (tokens, mask), ending in zip(rows, example["endings"], strict=True):
         assert tokens[:n] == context and enc.decode(tokens[n:]) == " " + ending
         assert mask == [0] * n + [1] * (len(tokens) - n)
     # past block_size + 1 tokens the context loses its head; the ending is kept whole
-    tokens, mask = eval_hellaswag.render_example(example, block_size=12)[3]
+    tokens, mask = hellaswag.render_example(example, block_size=12)[3]
     ending = enc.encode_ordinary(" " + example["endings"][3])
     kept = 13 - len(ending)
     assert len(tokens) == 13 and 0 < kept < len(context) and tokens == context[-kept:] + ending
     assert mask == [0] * kept + [1] * len(ending)
 
 
-@needs_hellaswag
 def test_batched_scoring_equals_one_at_a_time(run_dirs, examples):
     model = run_dirs["gpt2"][1]  # block_size 64 truncates some of these contexts
-    rows = [row for ex in examples[:6] for row in eval_hellaswag.render_example(ex, 64)]
-    batched = eval_hellaswag.ending_losses(model, rows, "cpu")
-    alone = [eval_hellaswag.ending_losses(model, [row], "cpu") for row in rows]
+    rows = [row for ex in examples[:6] for row in hellaswag.render_example(ex, 64)]
+    batched = hellaswag.ending_losses(model, rows, "cpu")
+    alone = [hellaswag.ending_losses(model, [row], "cpu") for row in rows]
     for i in range(2):  # total and mean loss
         torch.testing.assert_close(batched[i], torch.cat([losses[i] for losses in alone]), atol=1e-5, rtol=1e-5)
-    score = eval_hellaswag.hellaswag_score(model, examples[:8], "cpu", batch_size=3)
-    assert score == eval_hellaswag.hellaswag_score(model, examples[:8], "cpu", batch_size=1)
+    score = hellaswag.hellaswag_score(model, examples[:8], "cpu", batch_size=3)
+    assert score == hellaswag.hellaswag_score(model, examples[:8], "cpu", batch_size=1)
     assert 0 <= score["acc"] <= 1 and 0 <= score["acc_norm"] <= 1 and score["n"] == 8
 
 
-@needs_hellaswag
 def test_ranks_split_the_examples(run_dirs, examples, monkeypatch):
     """With W ranks each scores every W-th example; the all-reduce (here: the sum done by hand) gives the full score."""
     model = run_dirs["llama"][1]
-    monkeypatch.setattr(eval_hellaswag.dist, "all_reduce", lambda counts: None)
-    shards = [eval_hellaswag.hellaswag_score(model, examples[:8], "cpu", rank=r, world_size=2) for r in (0, 1)]
+    monkeypatch.setattr(hellaswag.dist, "all_reduce", lambda counts: None)
+    shards = [hellaswag.hellaswag_score(model, examples[:8], "cpu", rank=r, world_size=2) for r in (0, 1)]
     assert [s["n"] for s in shards] == [4, 4]
-    whole = eval_hellaswag.hellaswag_score(model, examples[:8], "cpu")
+    whole = hellaswag.hellaswag_score(model, examples[:8], "cpu")
     for key in ("acc", "acc_norm"):
         assert sum(s[key] * s["n"] for s in shards) == pytest.approx(whole[key] * 8)
 
 
-@needs_hellaswag
 def test_a_model_that_knows_the_answers_scores_one(examples):
     """An oracle that puts its logits on the next token of the correct row must pick every label."""
 
@@ -103,7 +100,7 @@ def test_a_model_that_knows_the_answers_scores_one(examples):
             super().__init__()
             self.next = {}  # correct row prefix -> its next token
             for ex in examples:
-                tokens, _ = eval_hellaswag.render_example(ex, 64)[ex["label"]]
+                tokens, _ = hellaswag.render_example(ex, 64)[ex["label"]]
                 self.next.update({tuple(tokens[:i]): tokens[i] for i in range(1, len(tokens))})
 
         def forward(self, idx, logits_at):
@@ -114,7 +111,7 @@ def test_a_model_that_knows_the_answers_scores_one(examples):
                         logits[b, t, self.next[tuple(row[: t + 1])]] = 30.0
             return logits[logits_at], None
 
-    score = eval_hellaswag.hellaswag_score(Oracle(), examples, "cpu", batch_size=4)
+    score = hellaswag.hellaswag_score(Oracle(), examples, "cpu", batch_size=4)
     assert score == {"acc": 1.0, "acc_norm": 1.0, "n": len(examples)}
 
 
@@ -125,30 +122,60 @@ def test_malformed_row_names_the_line(tmp_path):
                          (json.dumps({**good, "label": 4}), "'label'")]:
         path.write_text(json.dumps(good) + "\n" + bad + "\n")
         with pytest.raises(UserError, match=f"{path} line 2: {problem}"):
-            eval_hellaswag.load_hellaswag(path)
-    assert len(eval_hellaswag.load_hellaswag(path, limit=1)) == 1  # a limit stops before the bad row
+            hellaswag.load_hellaswag(path)
+    assert len(hellaswag.load_hellaswag(path, limit=1)) == 1  # a limit stops before the bad row
 
 
-def test_offline_download_asks_for_data(tmp_path, monkeypatch):
-    monkeypatch.setattr(eval_hellaswag, "HELLASWAG_FILE", tmp_path / "hellaswag" / "hellaswag_val.jsonl")
-    monkeypatch.setattr(eval_hellaswag, "HELLASWAG_URL", "http://127.0.0.1:9/hellaswag_val.jsonl")  # refused at once
+def test_offline_download_asks_for_data_and_comes_after_the_checkpoint_check(smoke_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(hellaswag, "HELLASWAG_FILE", tmp_path / "hellaswag" / "hellaswag_val.jsonl")
+    monkeypatch.setattr(hellaswag, "HELLASWAG_URL", "http://127.0.0.1:9/hellaswag_val.jsonl")  # refused at once
+    with pytest.raises(UserError, match="checkpoint /nonexistent/run not found"):
+        run_script("eval_hellaswag.py", "--ckpt=/nonexistent/run", "--device=cpu")
+    assert not (tmp_path / "hellaswag").exists()  # no download for a checkpoint that is not there
     with pytest.raises(UserError, match="pass --data=PATH"):
-        eval_hellaswag.main(["--device=cpu"])
+        run_script("eval_hellaswag.py", f"--ckpt={smoke_run}", "--device=cpu")
     assert not list(tmp_path.rglob("*.jsonl*"))  # no half-written file left behind
 
 
-@needs_hellaswag
+def test_an_empty_hellaswag_file_is_refused(smoke_run, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    result = run_cli("eval_hellaswag.py", f"--ckpt={smoke_run}", f"--data={tmp_path / 'empty.jsonl'}", "--device=cpu")
+    assert_one_line_error(result, "holds no examples")
+
+
+def test_ctrl_c_during_eval_is_one_line(tmp_path):
+    make_checkpoint(tmp_path / "big" / "ckpt.pt", n_layer=4, n_embd=256, n_head=4, block_size=128)
+    proc = subprocess.Popen([sys.executable, "eval_hellaswag.py", f"--ckpt={tmp_path / 'big'}", f"--data={HELLASWAG}",
+                             "--batch_size=1", "--device=cpu"], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    while "hellaswag" not in proc.stderr.read(1) + proc.stderr.read(8):  # the progress bar has started
+        pass
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode in (-signal.SIGINT, 128 + signal.SIGINT)
+    assert stderr.rstrip().endswith("interrupted") and "Traceback" not in stderr
+
+
 def test_eval_cli(run_dirs, tmp_path):
     run_dir, model = run_dirs["llama"]
     out = tmp_path / "score.json"
-    result = run_script("eval_hellaswag.py", f"--ckpt={run_dir}", f"--data={HELLASWAG}", "--limit", "6",
-                        "--batch_size=4", "--device=cpu", f"--out={out}")
+    result = run_cli("eval_hellaswag.py", f"--ckpt={run_dir}", f"--data={HELLASWAG}", "--limit", "6",
+                     "--batch_size=4", "--device=cpu", f"--out={out}")
     assert result.returncode == 0, result.stderr
     score = json.loads(out.read_text())
     assert score["n"] == 6 and score["limit"] == 6 and str(run_dir) in score["ckpt"]
-    expected = eval_hellaswag.hellaswag_score(model, eval_hellaswag.load_hellaswag(HELLASWAG, 6), "cpu")
+    expected = hellaswag.hellaswag_score(model, hellaswag.load_hellaswag(HELLASWAG, 6), "cpu")
     assert {k: score[k] for k in expected} == expected  # deterministic
     assert f"acc {score['acc']:.4f} acc_norm {score['acc_norm']:.4f} n 6" in result.stdout
+
+
+def test_the_smoke_run_scores_the_bundled_rows_as_the_training_loop_did(smoke_run):
+    """eval_hellaswag.py on the trained smoke checkpoint gives the acc_norm its training run logged at the end."""
+    logged = [json.loads(line) for line in (smoke_run / "metrics.jsonl").read_text().splitlines()]
+    at_end = [r["hellaswag"] for r in logged if "hellaswag" in r][-1]
+    namespace = run_script("eval_hellaswag.py", f"--ckpt={smoke_run}", f"--data={HELLASWAG}", "--limit=8",
+                           "--device=cpu")
+    assert namespace["score"]["acc_norm"] == at_end and namespace["score"]["n"] == 8
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -166,50 +193,65 @@ def test_greedy_with_cache_equals_without(run_dirs, arch):
 def test_top_k_and_top_p_keep_the_right_tokens():
     logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0]]).repeat(4000, 1)
     g = torch.Generator().manual_seed(0)
-    assert set(sample.sample_logits(logits, top_k=2, generator=g).unique().tolist()) == {1, 3}
+    assert set(sample_logits(logits, top_k=2, generator=g).unique().tolist()) == {1, 3}
     probs = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(4000, 1)
     for top_p, kept in [(0.45, {0}), (0.7, {0, 1}), (0.9, {0, 1, 2}), (1.0, {0, 1, 2, 3})]:
-        assert set(sample.sample_logits(probs, top_p=top_p, generator=g).unique().tolist()) == kept, top_p
-    assert sample.sample_logits(probs, temperature=0).unique().tolist() == [0]
+        assert set(sample_logits(probs, top_p=top_p, generator=g).unique().tolist()) == kept, top_p
+    assert sample_logits(probs, temperature=0).unique().tolist() == [0]
+
+
+def sample_text(capsys, *args):
+    run_script("sample.py", *args)
+    return capsys.readouterr().out
 
 
 def test_same_seed_same_text(run_dirs, capsys):
     def text(seed):
-        sample.main(["Once", f"--ckpt={run_dirs['gpt2'][0]}", "--max_new_tokens=8", "--temperature=1.0",
-                     f"--seed={seed}", "--device=cpu", "--num_samples=2"])
-        return capsys.readouterr().out
+        return sample_text(capsys, "Once", f"--ckpt={run_dirs['gpt2'][0]}", "--max_new_tokens=8", "--temperature=1.0",
+                           f"--seed={seed}", "--device=cpu", "--num_samples=2")
 
     first = text(7)
     assert first == text(7) and first != text(8)
     assert first.startswith("Once") and first.count("---------------") == 1
 
 
-def test_sample_cli_greedy(run_dirs):
+def test_sample_cli_greedy_joins_unquoted_words_and_names_the_checkpoint(run_dirs):
     run_dir, model = run_dirs["gpt2"]
-    result = run_script("sample.py", "Hello world", f"--ckpt={run_dir}", "--max_new_tokens=12", "--temperature=0",
-                        "--device=cpu")
+    result = run_cli("sample.py", "Hello", "world", f"--ckpt={run_dir}", "--max_new_tokens=12", "--temperature=0",
+                     "--device=cpu")
     assert result.returncode == 0, result.stderr
     enc = get_tokenizer()
     assert result.stdout == "Hello world" + greedy_text(model, [EOT, *enc.encode_ordinary("Hello world")], 12) + "\n"
+    assert str(run_dir / "ckpt.pt") in result.stderr
 
 
-def test_chat_checkpoint_prints_only_the_reply(tmp_path):
+def test_chat_checkpoint_prints_only_the_reply(tmp_path, capsys):
     model = make_checkpoint(tmp_path / "sft" / "ckpt.pt", arch="llama", chat=True, seed=3)
-    result = run_script("sample.py", "Name a color.", f"--ckpt={tmp_path / 'sft'}", "--max_new_tokens=12",
-                        "--temperature=0", "--device=cpu")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == greedy_text(model, [EOT, *chat_prompt("Name a color.")], 12) + "\n"
+    printed = sample_text(capsys, "Name a color.", f"--ckpt={tmp_path / 'sft'}", "--max_new_tokens=12",
+                          "--temperature=0", "--device=cpu")
+    assert printed == greedy_text(model, [EOT, *chat_prompt("Name a color.")], 12) + "\n"
+
+
+def test_a_text_that_ends_at_once_says_so(tmp_path, capsys):
+    make_checkpoint(tmp_path / "eot" / "ckpt.pt")
+    state = torch.load(tmp_path / "eot" / "ckpt.pt", weights_only=True)
+    weights = state["model"]
+    weights["transformer.ln_f.weight"].zero_()  # the final norm's output is its bias: ones everywhere
+    weights["transformer.ln_f.bias"].fill_(1.0)
+    weights["lm_head.weight"][EOT] = 1.0  # so <|endoftext|> outscores every other token at every position
+    torch.save(state, tmp_path / "eot" / "ckpt.pt")
+    run_script("sample.py", "Hi", f"--ckpt={tmp_path / 'eot'}", "--device=cpu")
+    printed = capsys.readouterr()
+    assert printed.out == "Hi\n" and "ended the text at once" in printed.err
 
 
 def test_interactive_and_prompt_file(run_dirs, tmp_path, capsys, monkeypatch):
     args = [f"--ckpt={run_dirs['gpt2'][0]}", "--max_new_tokens=5", "--temperature=0", "--device=cpu"]
     prompt_file = tmp_path / "prompt.txt"
     prompt_file.write_text("The sky")
-    sample.main([f"--prompt_file={prompt_file}", *args])
-    from_file = capsys.readouterr().out
+    from_file = sample_text(capsys, f"--prompt_file={prompt_file}", *args)
     monkeypatch.setattr("sys.stdin", io.StringIO("The sky\nThe sky\n\nnever read\n"))
-    sample.main(["--interactive", *args])
-    assert capsys.readouterr().out == from_file * 2
+    assert sample_text(capsys, "--interactive", *args) == from_file * 2
 
 
 @pytest.mark.parametrize("flag, message", [
@@ -220,11 +262,11 @@ def test_interactive_and_prompt_file(run_dirs, tmp_path, capsys, monkeypatch):
 ])
 def test_bad_flags_are_one_line_errors(flag, message):
     with pytest.raises(UserError) as e:
-        sample.main(["hi", flag, "--device=cpu"])
+        run_script("sample.py", "hi", flag, "--device=cpu")
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
 def test_bad_flag_exit_status():
-    result = run_script("sample.py", "hi", "--top_p", "2")
+    result = run_cli("sample.py", "hi", "--top_p", "2")
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr == "error: --top_p=2.0: must be in (0, 1]; 1 = off\n"

@@ -1,44 +1,30 @@
 """data/sft_mix.py and finetune_sft.py: the chat template and its loss mask, the mix's filters and counts
-(generated sources plus the real Raschka file), the example loader, and whole fine-tunes as a user starts
+(generated sources plus the bundled Raschka rows), the example loader, and whole fine-tunes as a user starts
 them: a memorised reply, exact resume, cut-off replies, signals, NaN and bad input."""
 
 import hashlib
 import json
 import os
-import runpy
 import shutil
 import signal
 import subprocess
 import sys
 import types
-from pathlib import Path
 
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "tiktoken_cache"))
+import numpy as np
+import pytest
+import torch
+from helpers import RASCHKA, load_model_namespace, make_checkpoint, metrics, run_script, train_records, wait_for_steps
+from helpers import REPO_ROOT as ROOT
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from data.common import (  # noqa: E402
-    ASSISTANT,
-    EOT,
-    USER,
-    ExampleLoader,
-    UserError,
-    chat_prompt,
-    get_tokenizer,
-    load_checkpoint,
-    read_examples,
-    render_chat,
-    reply_mask,
-    write_examples,
-)
-from helpers import REPO_ROOT as ROOT  # noqa: E402
-from helpers import load_model_namespace, make_checkpoint, metrics, train_records, wait_for_steps  # noqa: E402
+from data import UserError
+from data.checkpoint import load_checkpoint
+from data.loaders import ExampleLoader
+from data.sft_mix import REASONS
+from data.sft_mix import main as mix
+from data.shards import read_examples, write_examples, write_manifest
+from data.tokenizer import ASSISTANT, EOT, USER, chat_prompt, get_tokenizer, render_chat, reply_mask
 
-from data.sft_mix import REASONS  # noqa: E402
-from data.sft_mix import main as mix  # noqa: E402
-
-RASCHKA = ROOT.parent / "shared" / "data" / "sft" / "instruction-data.json"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny model runs faster on one thread than on two fighting for 2 cores
 PAIRS = [  # (instruction, input, output): a handful a tiny model can learn by heart
     ("What is the capital of France?", "", "The capital of France is Paris."),
@@ -113,6 +99,7 @@ def pair_split(tmp_path_factory):
     rows = [example((i + ("\n\n" + x if x else ""), o)) for i, x, o in PAIRS]
     rows.append(example(("word " * 80, "A reply past the cut.")))
     write_examples(out, "train", rows)
+    write_manifest(out)
     return out, rows
 
 
@@ -211,9 +198,9 @@ def test_filters_and_counts_on_generated_sources_and_the_raschka_file(sources, t
     summary = all_sources(sources, tmp_path)
     counts = {s: [c[k] for k in ("rows", *REASONS, "kept")] for s, c in summary["sources"].items()}
     # rows, malformed, empty, too_long_chars, duplicate, too_long_tokens, kept
-    assert counts == {"smoltalk": [13, 5, 1, 0, 1, 2, 4], "raschka": [1100, 0, 0, 0, 0, 0, 1100],
+    assert counts == {"smoltalk": [13, 5, 1, 0, 1, 2, 4], "raschka": [500, 0, 0, 0, 0, 0, 500],
                       "alpaca": [8, 2, 1, 1, 1, 0, 3]}
-    assert summary["val_examples"] == round(0.02 * 1107) and summary["train_examples"] == 1107 - 22
+    assert summary["val_examples"] == round(0.02 * 507) and summary["train_examples"] == 507 - 10
     assert summary == json.loads((tmp_path / "summary.json").read_text())
 
     raschka = json.loads(RASCHKA.read_text())
@@ -232,9 +219,9 @@ def test_filters_and_counts_on_generated_sources_and_the_raschka_file(sources, t
                            "--max_prompt_tokens=40", "--max_response_tokens=20"))
     too_long = sum(len(enc.encode_ordinary("\n\n".join(filter(None, (r["instruction"].strip(), r["input"].strip())))))
                    > 40 or len(enc.encode_ordinary(r["output"].strip())) > 20 for r in raschka)
-    assert 0 < too_long < 1100
+    assert 0 < too_long < 500
     assert limited["sources"]["raschka"]["too_long_tokens"] == too_long
-    assert limited["train_examples"] + limited["val_examples"] == 1100 - too_long
+    assert limited["train_examples"] + limited["val_examples"] == 500 - too_long
 
 
 def test_multi_turn_and_parquet(sources, tmp_path):
@@ -255,10 +242,10 @@ def test_multi_turn_and_parquet(sources, tmp_path):
 def test_weights_split_and_determinism(sources, tmp_path):
     summary = all_sources(sources, tmp_path / "a", "--weights=raschka=0.5,alpaca=2")
     s = summary["sources"]
-    assert s["raschka"]["train"] + s["raschka"]["val"] == 550  # half the source
+    assert s["raschka"]["train"] + s["raschka"]["val"] == 250  # half the source
     assert s["smoltalk"]["train"] + s["smoltalk"]["val"] == 4
     assert s["alpaca"]["train"] == 2 * (3 - s["alpaca"]["val"])  # train examples twice, val ones once
-    assert summary["val_examples"] == round(0.02 * (550 + 4 + 3))
+    assert summary["val_examples"] == round(0.02 * (250 + 4 + 3))
     train, val = split_examples(tmp_path / "a", "train"), split_examples(tmp_path / "a", "val")
     assert not set(train) & set(val)
     all_sources(sources, tmp_path / "b", "--weights=raschka=0.5,alpaca=2")
@@ -271,7 +258,7 @@ def test_weights_split_and_determinism(sources, tmp_path):
 def one_line_error(match, argv):
     with pytest.raises(UserError, match=match) as e:
         mix(argv)
-    assert str(e.value).startswith("error: ") and "\n" not in str(e.value)
+    assert "\n" not in str(e.value)
     return str(e.value)
 
 
@@ -378,8 +365,6 @@ def test_cli_fine_tune_learns_replies_that_greedy_sampling_reproduces(base, tmp_
     france = "The capital of France is Paris."
     assert example(("What is the capital of France?", france)) in trained
     assert f"step 30 sample: 'What is the capital of France?' -> {france!r}" in (out / "log.txt").read_text()
-    if not (ROOT / "sample.py").is_file():
-        pytest.skip("sample.py does not exist yet")
     result = subprocess.run([sys.executable, "sample.py", "What is the capital of France?", f"--ckpt={out}",
                              "--device=cpu", "--temperature=0"], cwd=ROOT, capture_output=True, text=True, env=ENV)
     assert result.returncode == 0, result.stderr
@@ -452,7 +437,6 @@ def test_bad_inputs_are_one_line_errors(base, raschka_mix, tmp_path, monkeypatch
     make_checkpoint(tmp_path / "mismatched" / "ckpt.pt")
     ckpt = torch.load(tmp_path / "mismatched" / "ckpt.pt", weights_only=True)
     torch.save({**ckpt, "model_config": {**ckpt["model_config"], "n_embd": 128}}, tmp_path / "mismatched" / "ckpt.pt")
-    monkeypatch.chdir(ROOT)
     for args, message in [
         ((tmp_path / "mismatched", raschka_mix, tmp_path / "b"), "weights do not fit arch=gpt2 n_layer=2 n_embd=128"),
         ((tmp_path / "small_vocab", raschka_mix, tmp_path / "c"), "vocab_size 50257 has no room for the chat tokens"),
@@ -462,7 +446,6 @@ def test_bad_inputs_are_one_line_errors(base, raschka_mix, tmp_path, monkeypatch
         ((base, tmp_path / "no_data", tmp_path / "e"), f"python data/sft_mix.py --out_dir {tmp_path / 'no_data'}"),
         ((base, raschka_mix, tmp_path / "f", "--gradient_accumulation_steps=x"), "must be int"),
     ]:
-        monkeypatch.setattr(sys, "argv", finetune_cmd(*args)[1:])
         with pytest.raises(UserError) as e:
-            runpy.run_path("finetune_sft.py", run_name="__main__")
+            run_script(*finetune_cmd(*args)[1:])
         assert message in str(e.value) and "\n" not in str(e.value)
