@@ -7,7 +7,7 @@ Throughput of the data pipeline on this machine:
      default threads and with 1, and the process RSS before and after 10,000 batches (it must
      not grow with the tokens read).
 
-    python bench/bench_data.py
+    python bench/bench_data.py [CORPUS.jsonl]    # default: ../shared/data/python_docs/python3.11_docs.jsonl
 """
 
 import contextlib
@@ -22,15 +22,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(REPO.parent / "shared" / "tiktoken_cache"))
 
-import tiktoken  # noqa: E402
 import torch  # noqa: E402
-from data.common import BatchLoader, get_tokenizer  # noqa: E402
 
 from data.fineweb_edu import main as prep  # noqa: E402
+from data.loaders import BatchLoader  # noqa: E402
+from data.tokenizer import get_tokenizer  # noqa: E402
 
-CORPUS = REPO.parent / "shared" / "data" / "python_docs" / "python3.11_docs.jsonl"
+DEFAULT_CORPUS = REPO.parent / "shared" / "data" / "python_docs" / "python3.11_docs.jsonl"
+CORPUS = Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_CORPUS
 B, T, BATCHES = 64, 1024, 10_000
 REPEATS = 3
 
@@ -60,7 +60,7 @@ def main():
     texts = [json.loads(line)["text"] for line in CORPUS.read_text().splitlines()]
     print(f"corpus: {CORPUS.name}, {len(texts)} documents, {sum(map(len, texts)) / 1e6:.1f}M characters")
 
-    enc = tiktoken.get_encoding("gpt2")
+    enc = get_tokenizer()  # tiktoken's own Encoding, built from the bundled GPT-2 ranks
     base_s, ids = best_time(lambda: enc.encode_ordinary_batch(texts, num_threads=1))
     base_tokens = sum(map(len, ids)) + len(texts)  # + one EOT per document, as the prep writes
     print(f"tiktoken encode_ordinary_batch, 1 process 1 thread: {base_tokens:,} tokens in {base_s:.2f}s = "
