@@ -122,7 +122,8 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest(arch):
 
 # ----------------------------------------------------------------------------- whole runs
 
-SMOKE = ("configs/smoke.toml", "--device=cpu", "--sample_interval=0", "--hellaswag_interval=0", "--eval_interval=1000")
+SMOKE = ("configs/smoke.toml", "--device=cpu", "--sample_interval=0", "--hellaswag_interval=0", "--eval_interval=1000",
+         "--log_interval=1", "--warmup_iters=2", "--checkpoint_interval=10")
 
 
 def train(out_dir, *args):
