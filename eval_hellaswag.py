@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from data import UserError, one_line_errors
 from data.checkpoint import load_checkpoint, resolve_checkpoint
 from data.hellaswag import HELLASWAG_FILE, download_hellaswag, hellaswag_path, hellaswag_score, load_hellaswag
-from data.run import check_settings, parse_settings, pick_autocast, pick_device
+from data.run import pick_autocast, pick_device
+from data.settings import check_settings, parse_settings
 from data.tokenizer import VOCAB_SIZE
 
 one_line_errors()

@@ -44,14 +44,13 @@ from data.run import (
     RunLog,
     StopRequest,
     changed_settings,
-    check_settings,
     init_distributed,
     lock_run_dir,
     param_norm,
-    parse_settings,
     pick_autocast,
     refuse_to_overwrite,
 )
+from data.settings import check_settings, parse_settings
 from data.tokenizer import ASSISTANT, EOT, VOCAB_SIZE, chat_prompt, get_tokenizer
 
 one_line_errors()

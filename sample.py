@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from data import UserError, one_line_errors
 from data.checkpoint import load_checkpoint, resolve_checkpoint
-from data.run import check_settings, parse_settings, pick_autocast, pick_device
+from data.run import pick_autocast, pick_device
+from data.settings import check_settings, parse_settings
 from data.tokenizer import ASSISTANT, EOT, VOCAB_SIZE, chat_prompt, get_tokenizer
 
 one_line_errors()

@@ -32,15 +32,14 @@ from data.run import (
     RunLog,
     StopRequest,
     changed_settings,
-    check_settings,
     init_distributed,
     lock_run_dir,
     param_norm,
-    parse_settings,
     pick_autocast,
     refuse_architecture_change,
     refuse_to_overwrite,
 )
+from data.settings import check_settings, parse_settings
 from data.tokenizer import EOT, VOCAB_SIZE, get_tokenizer
 
 one_line_errors()

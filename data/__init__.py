@@ -4,7 +4,8 @@
     shards.py      the .bin token-shard format and the SFT example format on disk
     loaders.py     batches for training and validation: BatchLoader, ValData, ExampleLoader
     checkpoint.py  atomic checkpoint writes, resolving a checkpoint path, weights_only loading, RNG state
-    run.py         settings parsing, device and autocast, DDP, stop signals, the run log
+    settings.py    a script's settings: defaults at its top < configs/*.toml < --key=value, and their checks
+    run.py         the run dir (overwrite guard, lock, log), device and autocast, DDP, stop signals
     hellaswag.py   reading, rendering and scoring HellaSwag (eval_hellaswag.py and the training scripts)
     fineweb_edu.py, sft_mix.py   data-prep scripts (no torch)
 """

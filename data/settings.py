@@ -1,0 +1,129 @@
+"""
+A stage script's settings: the lower-case names at the top of the script are its defaults;
+configs/*.toml files on the command line override them, then --key=value flags. Unknown keys,
+ill-typed and out-of-range values are one-line errors, raised before the script does anything.
+"""
+
+import difflib
+import sys
+from pathlib import Path
+
+import torch
+
+from data import UserError
+
+
+def _coerce(key, value, default, source):
+    """Convert `value` (a TOML value or a command-line string) to the type of `default`."""
+    kind = type(default)
+    if isinstance(value, str) and kind is not str:
+        text = value.strip()
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise UserError(f"{source}: {key} must be true or false, got {value!r}")
+            return text.lower() in ("true", "1", "yes")
+        try:
+            number = float(text)
+        except ValueError:
+            raise UserError(f"{source}: {key} must be {kind.__name__}, got {value!r}") from None
+        if kind is int:  # "524288", "5e5" and "2**19"-free spellings of whole numbers
+            if not number.is_integer():
+                raise UserError(f"{source}: {key} must be a whole number, got {value!r}")
+            value = int(text) if text.lstrip("+-").isdigit() else int(number)
+        else:
+            value = number
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not kind:
+        raise UserError(f"{source}: {key} must be {kind.__name__} like {default!r}, got {value!r}")
+    return value
+
+
+def parse_config(defaults, argv, positional=None):
+    """Resolve a script's settings: `defaults` (name -> int/float/bool/str) overridden by any
+    `configs/*.toml` files in argv, then by `--key=value` / `--key value` / bare `--flag`
+    (for booleans). A bare word goes to the `positional` key, if the script has one.
+    Unknown keys and ill-typed values are one-line errors."""
+    config = dict(defaults)
+
+    def check_key(key, source):
+        if key not in defaults:
+            close = difflib.get_close_matches(key, defaults, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise UserError(f"{source}: unknown setting {key!r}{hint}; the settings are at the top of {sys.argv[0]}")
+
+    i = words = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg.endswith(".toml") and not arg.startswith("--"):
+            path = Path(arg)
+            if not path.is_file():
+                raise UserError(f"config file {arg} not found; the presets are in configs/")
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            try:
+                table = tomllib.loads(path.read_text(encoding="utf-8"))
+            except UnicodeDecodeError as e:
+                raise UserError(f"{arg}: not valid UTF-8 (byte {e.start}); save it as UTF-8") from None
+            except tomllib.TOMLDecodeError as e:
+                raise UserError(f"{arg}: not valid TOML ({e})") from None
+            for key, value in table.items():
+                check_key(key, arg)
+                config[key] = _coerce(key, value, defaults[key], arg)
+        elif arg.startswith("--"):
+            key, eq, value = arg[2:].partition("=")
+            key = key.replace("-", "_")
+            check_key(key, f"--{key}")
+            if not eq:
+                if type(defaults[key]) is bool and (i == len(argv) or argv[i].startswith("--")):
+                    value = "true"
+                elif i < len(argv):
+                    value, i = argv[i], i + 1
+                else:
+                    raise UserError(f"--{key} needs a value, like --{key}={defaults[key]!r}")
+            config[key] = _coerce(key, value, defaults[key], f"--{key}")
+        elif positional is not None:  # the bare words, joined: an unquoted prompt keeps all its words
+            config[positional] = f"{config[positional]} {arg}" if words else arg
+            words += 1
+        else:
+            raise UserError(f"unexpected argument {arg!r}; use configs/NAME.toml or --key=value")
+    return config
+
+
+def parse_settings(namespace, argv, positional=None):
+    """A script's settings. The defaults are the lower-case int/float/bool/str names of `namespace`
+    (the script's globals()) in order; upper-case names such as VOCAB_SIZE are constants. Config
+    files and flags in argv override them (parse_config).
+
+    With --init_from=resume the run's own settings (saved in out_dir/ckpt.pt) stand in for the
+    script's defaults, so a bare `--out_dir=DIR --init_from=resume` continues the same run; config
+    files and flags on the command line still override them."""
+    defaults = {k: v for k, v in namespace.items()
+                if not k.startswith("_") and k == k.lower() and type(v) in (int, float, bool, str)}
+    config = parse_config(defaults, argv, positional)
+    if config.get("init_from") == "resume" and "out_dir" in config:
+        try:  # mmap: only the small settings dict is read, not the weights
+            saved = torch.load(Path(config["out_dir"]) / "ckpt.pt", map_location="cpu", weights_only=True,
+                               mmap=True)["config"]
+        except Exception:  # no or damaged checkpoint: loading it later says so in one line
+            saved = {}
+        kept = {k: v for k, v in saved.items() if k in defaults and type(v) is type(defaults[k])}
+        config = parse_config({**defaults, **kept}, argv, positional)
+    return config
+
+
+def check_settings(config, positive=(), non_negative=(), choices=None):
+    """One-line errors for settings out of range, before anything runs or is written."""
+    for key in positive:
+        if config[key] <= 0:
+            raise UserError(f"--{key}={config[key]}: must be at least 1" if type(config[key]) is int
+                            else f"--{key}={config[key]}: must be above 0")
+    for key in non_negative:
+        if not config[key] >= 0:  # NaN fails too
+            raise UserError(f"--{key}={config[key]}: must be 0 or more")
+    for key, allowed in (choices or {}).items():
+        if config[key] not in allowed:
+            raise UserError(f"--{key}={config[key]!r}: use one of {', '.join(map(repr, allowed))}")
