@@ -353,3 +353,21 @@ def test_ctrl_c_during_a_long_val_pass_stops_promptly_and_twice_exits_at_once(tm
     assert once.wait(timeout=30) == 0, once.stderr.read()
     assert torch.load(tmp_path / "once" / "ckpt.pt", weights_only=True)["step"] == 1
     assert not (tmp_path / "twice" / "ckpt.pt").exists()
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_the_good_one(tmp_path, monkeypatch):
+    from data.checkpoint import save_checkpoint
+
+    save_checkpoint({"step": 1}, tmp_path, 1)
+    good = (tmp_path / "ckpt.pt").read_bytes()
+
+    def full_disk(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(UserError, match="No space left on device.*free disk space") as e:
+        save_checkpoint({"step": 2}, tmp_path, 2)
+    assert "\n" not in str(e.value)
+    assert (tmp_path / "ckpt.pt").read_bytes() == good and not (tmp_path / "ckpt.pt.tmp").exists()
