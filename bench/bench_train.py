@@ -56,6 +56,8 @@ if t.total_batch_size % (t.batch_size * t.block_size):
                     f"{t.batch_size} * {t.block_size}")
 if not set(loops.split(",")) <= {"fast", "plain"}:
     raise UserError(f"--loops={loops}: use fast, plain or fast,plain")
+if (bf16_residual or sdpa_backend != "auto" or coordinate_descent) and not t.device.startswith(("cuda", "auto")):
+    raise UserError("--bf16_residual, --sdpa_backend and --coordinate_descent are CUDA settings; drop them on a CPU")
 try:
     sizes = [int(b) for b in memory_batch_sizes.split(",") if b.strip()]
 except ValueError:
@@ -73,6 +75,8 @@ def peak_flops_table():
 device = pick_device(t.device)
 cuda = device.startswith("cuda")
 dtype, autocast = pick_autocast(device, t.dtype)
+if bf16_residual and dtype != "bfloat16":
+    raise UserError(f"--bf16_residual needs bf16 autocast, not {dtype}: it is the default on CUDA (--dtype=auto)")
 torch.set_float32_matmul_precision("high")  # as train_gpt.py: TF32 matmuls on Ampere and later
 grad_accum = t.total_batch_size // (t.batch_size * t.block_size)
 peak_flops = t.peak_flops

@@ -23,11 +23,13 @@ SETTINGS_BEGIN, SETTINGS_END = f"{RULE} settings\n", "\nconfig = parse_settings(
 
 
 def _between(script, begin, end):
+    """The text of script from the line `begin` up to `end`, after blank lines that keep the script's line
+    numbers, so a traceback points at the right line of the script."""
     text = (REPO_ROOT / script).read_text()
     if text.count(begin) != 1 or end not in text:
         raise UserError(f"{script}: expected one {begin.strip()!r} line followed by {end.strip()!r}")
     start = text.index(begin)
-    return text[start : text.index(end, start)]
+    return "\n" * text.count("\n", 0, start) + text[start : text.index(end, start)]
 
 
 def model_namespace(script="train_gpt.py"):
