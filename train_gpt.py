@@ -143,21 +143,32 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, per layer, for one-token-per-forward decoding."""
+    """Keys and values of every position of the context, per layer, for one-token-per-forward decoding.
 
-    def __init__(self, n_layer):
-        self.k, self.v = [None] * n_layer, [None] * n_layer
-        self.pos = 0  # tokens already in the cache
+    The buffers are allocated once, on first use (in the dtype k and v come in: bf16 under autocast),
+    and kept. pos, the number of tokens cached, lives on the device, so a step reads and advances it
+    without a host sync. static=True lets a CUDA graph (torch.compile's mode="reduce-overhead") write
+    the buffers in place, as recorded; it loads torch._dynamo, so pass it only when compiling."""
 
-    def update(self, layer, k, v, block_size):
-        if self.k[layer] is None:  # allocated on first use, in the dtype autocast gives k and v
+    def __init__(self, config, device, static=False):
+        self.config, self.static = config, static
+        self.k, self.v = [None] * config.n_layer, [None] * config.n_layer
+        self.pos = torch.zeros((), dtype=torch.long, device=device)
+        if static:
+            torch._dynamo.mark_static_address(self.pos, guard=False)
+
+    def update(self, layer, k, v, pos):
+        """Write k and v (B, H, T, D) at positions pos (T,); return this layer's whole cache."""
+        if self.k[layer] is None or self.k[layer].shape[0] != k.size(0) or self.k[layer].dtype != k.dtype:
             B, H, _, D = k.shape
-            self.k[layer] = k.new_zeros(B, H, block_size, D)
-            self.v[layer] = v.new_zeros(B, H, block_size, D)
-        end = self.pos + k.size(2)
-        self.k[layer][:, :, self.pos : end] = k
-        self.v[layer][:, :, self.pos : end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+            self.k[layer] = k.new_zeros(B, H, self.config.block_size, D)
+            self.v[layer] = v.new_zeros(B, H, self.config.block_size, D)
+            if self.static:
+                torch._dynamo.mark_static_address(self.k[layer], guard=False)
+                torch._dynamo.mark_static_address(self.v[layer], guard=False)
+        self.k[layer].index_copy_(2, pos, k)
+        self.v[layer].index_copy_(2, pos, v)
+        return self.k[layer], self.v[layer]
 
 
 def apply_rope(x, cos, sin):
@@ -176,7 +187,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=bias)
         self.config, self.layer = config, layer
 
-    def forward(self, x, rope=None, cache=None):
+    def forward(self, x, rope=None, cache=None, pos=None, mask=None):
         B, T, C = x.shape
         H = self.config.n_head
         q, k, v = (t.view(B, T, H, C // H) for t in self.c_attn(x).split(C, dim=2))
@@ -185,12 +196,11 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-        if cache is not None:
-            # a prefill starts from an empty cache, so is_causal lines up; one new token sees every cached one
-            assert T == 1 or cache.pos == 0, "multi-token forwards need an empty cache"
-            k, v = cache.update(self.layer, k, v, self.config.block_size)
-        # no explicit mask: one would knock SDPA off the flash kernel
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        if cache is None:  # no explicit mask: one would knock SDPA off the flash kernel
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # the whole cache, every shape fixed; the mask hides the positions after each query
+            k, v = cache.update(self.layer, k, v, pos)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
@@ -223,8 +233,8 @@ class Block(nn.Module):
         self.ln_1, self.attn = make_norm(config), CausalSelfAttention(config, layer)
         self.ln_2, self.mlp = make_norm(config), MLP(config)
 
-    def forward(self, x, rope=None, cache=None):
-        x = x + self.attn(self.ln_1(x), rope, cache)
+    def forward(self, x, rope=None, cache=None, pos=None, mask=None):
+        x = x + self.attn(self.ln_1(x), rope, cache, pos, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -270,19 +280,22 @@ class GPT(nn.Module):
         `(slice(None), [-1])` for the last): the vocab projection is most of a small model's
         inference cost, and sampling or scoring needs it at a few positions only."""
         B, T = idx.shape
-        pos = cache.pos if cache is not None else 0
-        if pos + T > self.config.block_size:
-            raise ValueError(f"sequence of {pos + T} tokens is longer than block_size {self.config.block_size}")
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
+        pos, mask = torch.arange(T, device=idx.device), None
+        if cache is not None:  # the tokens follow the cached ones (the caller keeps pos + T <= block_size)
+            pos = pos + cache.pos
+            mask = torch.arange(self.config.block_size, device=idx.device) <= pos[:, None]  # (T, block_size)
         x = self.transformer.wte(idx)
         rope = None
         if self.config.arch == "gpt2":
-            x = x + self.transformer.wpe(torch.arange(pos, pos + T, device=idx.device))
+            x = x + self.transformer.wpe(pos)
         else:
-            rope = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]
+            rope = self.rope_cos[pos], self.rope_sin[pos]
         for block in self.transformer.h:
-            x = block(x, rope, cache)
+            x = block(x, rope, cache, pos, mask)
         if cache is not None:
-            cache.pos += T
+            cache.pos += T  # in place: a CUDA graph keeps reading the same tensor
         if logits_at is not None:
             x = x[logits_at]
         logits = self.lm_head(self.transformer.ln_f(x))
@@ -321,26 +334,41 @@ class GPT(nn.Module):
                     torch.optim.Muon(hidden, lr=muon_lr, momentum=muon_momentum, weight_decay=muon_weight_decay)]
         raise UserError(f"optimizer={optimizer!r}: use 'muon' or 'adamw'")
 
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, use_cache=True, generator=None):
-        """Yield the next token (B, 1) max_new_tokens times after the prompt idx (B, T).
+    def decode_step(self, token, cache):
+        """The logits (B, vocab) after one more token (B, 1) through the cached model. Its shapes never
+        change, so sample.py can compile it into a CUDA graph: one launch per token instead of hundreds."""
+        logits, _ = self(token, cache=cache)
+        return logits[:, -1]
 
-        With the cache the prompt is prefilled once, then each forward takes one token. Past
-        block_size the model sees the last block_size tokens (as without the cache), so the
-        cache is rebuilt from that window: both paths give the same tokens."""
-        cache = None
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, use_cache=True, generator=None,
+                 cache=None):
+        """Yield the next token (B, 1) max_new_tokens times after the prompt idx (B, T). The tokens stay
+        on the device and nothing here waits for it: read them in chunks to keep the GPU busy.
+
+        With the cache the prompt is prefilled once, then decode_step takes one token at a time. Past
+        block_size the model sees the last block_size tokens (as without the cache), so each further
+        token refills the cache from that window: both paths give the same tokens. Pass a KVCache to
+        reuse its buffers across calls (a compiled decode_step's CUDA graph is recorded with them)."""
+        block_size, last = self.config.block_size, (slice(None), [-1])
+        if use_cache and cache is None:
+            cache = KVCache(self.config, idx.device)
+        cached = 0  # tokens in the cache, counted on the host
+        token = None  # the one sampled last: decode_step's input (a slice of idx would change strides each step)
         for _ in range(max_new_tokens):
-            last = (slice(None), [-1])
             if not use_cache:
-                logits, _ = self(idx[:, -self.config.block_size :], logits_at=last)
-            elif cache is None or cache.pos == self.config.block_size:
-                cache = KVCache(self.config.n_layer)
-                logits, _ = self(idx[:, -self.config.block_size :], cache=cache, logits_at=last)
+                logits = self(idx[:, -block_size:], logits_at=last)[0][:, -1]
+            elif cached in (0, block_size):  # the prompt, or a window that slid: prefill from empty
+                cache.pos.zero_()
+                window = idx[:, -block_size:]
+                logits = self(window, cache=cache, logits_at=last)[0][:, -1]
+                cached = window.size(1)
             else:
-                logits, _ = self(idx[:, -1:], cache=cache)
-            next_token = sample_logits(logits[:, -1, :], temperature, top_k, top_p, generator)
-            idx = torch.cat([idx, next_token], dim=1)
-            yield next_token
+                logits = self.decode_step(token, cache)
+                cached += 1
+            token = sample_logits(logits, temperature, top_k, top_p, generator)
+            idx = torch.cat([idx, token], dim=1)
+            yield token
 
     @classmethod
     def from_checkpoint(cls, ckpt, source="checkpoint"):

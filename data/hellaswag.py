@@ -8,6 +8,7 @@ build-nanogpt's convention: GPT-2 124M scores acc 0.2859, acc_norm 0.2955 on it 
 harness scores it another way and reports 0.2892 / 0.3114).
 """
 
+import functools
 import json
 import os
 import shutil
@@ -91,15 +92,20 @@ def load_hellaswag(path, limit=0):
     return examples
 
 
+@functools.cache  # training scores the same examples every hellaswag_interval: tokenize each once per process
+def encode_example(ctx, endings):
+    """Token ids of a context and of its endings (a tuple), each ending with the space before it."""
+    enc = get_tokenizer()
+    return enc.encode_ordinary(ctx), [enc.encode_ordinary(" " + ending) for ending in endings]
+
+
 def render_example(example, block_size):
     """The 4 candidates of an example as (tokens, mask): context + ending token ids, and 1 on the ending
     tokens. The last token is only ever a target, so a row may hold block_size + 1 tokens; a longer
     one loses context from the left, since the ending is what gets scored."""
-    enc = get_tokenizer()
-    context = enc.encode_ordinary(example["ctx"])
+    context, endings = encode_example(example["ctx"], tuple(example["endings"]))
     rows = []
-    for ending in example["endings"]:
-        ending = enc.encode_ordinary(" " + ending)  # GPT-2's BPE puts the space before a word into its token
+    for ending in endings:  # GPT-2's BPE puts the space before a word into its token
         tokens, mask = context + ending, [0] * len(context) + [1] * len(ending)
         rows.append((tokens[-(block_size + 1) :], mask[-(block_size + 1) :]))
     return rows
@@ -109,42 +115,71 @@ def render_example(example, block_size):
 # scoring
 
 
-def ending_losses(model, rows, device):
-    """Total and mean loss over the ending tokens of each (tokens, mask) row, all rows in one forward.
+def pack_rows(rows, labels=()):
+    """(tokens, mask) rows, each mask 0s then 1s, as ONE int64 array (pinned and copied in one go) and the
+    sizes that split it on the device into: x (R, W) the inputs, right-padded; row, col, target for
+    each ending token (where its logits are and what they should predict: integer indices, since
+    indexing with a boolean mask makes the host wait for the GPU to count the mask); n (R,) each
+    row's ending tokens; and the labels."""
+    lengths = np.array([len(tokens) for tokens, _ in rows])
+    n = np.minimum([sum(mask) for _, mask in rows], lengths - 1)  # the first token is never a target
+    tokens = np.full((len(rows), lengths.max()), EOT, dtype=np.int64)
+    for i, (t, _) in enumerate(rows):
+        tokens[i, : len(t)] = t
+    row = np.repeat(np.arange(len(rows)), n)
+    col = np.repeat(lengths - 1 - n, n) + np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)  # each row's last n
+    x = tokens[:, :-1]
+    parts = [x.ravel(), row, col, tokens[row, col + 1], n, np.asarray(labels, dtype=np.int64)]
+    return torch.from_numpy(np.concatenate(parts)), ([len(p) for p in parts], x.shape)
+
+
+def row_losses(model, packed, sizes, device):
+    """Total and mean loss over the ending tokens of each row of a pack_rows() batch, in one forward.
     Rows are right-padded: with causal attention the padding after a row's last token cannot change
-    the logits before it, so no attention mask is needed."""
-    width = max(len(tokens) for tokens, _ in rows) - 1
-    x = np.full((len(rows), width), EOT, dtype=np.int64)
-    y = np.full((len(rows), width), -1, dtype=np.int64)  # -1: not an ending token, no loss
-    for i, (tokens, mask) in enumerate(rows):
-        x[i, : len(tokens) - 1] = tokens[:-1]
-        y[i, : len(tokens) - 1] = np.where(mask[1:], tokens[1:], -1)
-    x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
-    scored = y != -1
-    logits, _ = model(x, logits_at=scored)  # (number of ending tokens, vocab): no logits for the context
-    losses = torch.zeros(y.shape, device=device)
-    losses[scored] = F.cross_entropy(logits.float(), y[scored], reduction="none")
-    total = losses.sum(dim=1)
-    return total, total / scored.sum(dim=1)
+    the logits before it, so no attention mask is needed. Returns the labels (on the device) too."""
+    counts, shape = sizes
+    x, row, col, target, n, labels = packed.to(device, non_blocking=True).split(counts)
+    logits, _ = model(x.view(shape), logits_at=(row, col))  # (ending tokens, vocab): no logits for the context
+    losses = torch.zeros(shape, device=device)
+    losses[row, col] = F.cross_entropy(logits.float(), target, reduction="none")
+    total = losses.sum(dim=1)  # a sum per row, not index_add_: the same order every run, so the same scores
+    return total, total / n, labels
+
+
+def ending_losses(model, rows, device):
+    """Total and mean loss over the ending tokens of each (tokens, mask) row, all rows in one forward."""
+    total, mean, _ = row_losses(model, *pack_rows(rows), device)
+    return total, mean
+
+
+@functools.lru_cache(maxsize=1)  # the batches of the last examples scored: training scores the same ones again
+def prepared_batches(examples, block_size, batch_size, pin):
+    """examples, a tuple of (ctx, endings, label), in pack_rows() batches of batch_size. Examples of similar
+    length share a batch: less padding to compute."""
+    rendered = [render_example(dict(ctx=ctx, endings=endings), block_size) for ctx, endings, _ in examples]
+    order = sorted(range(len(rendered)), key=lambda i: max(len(tokens) for tokens, _ in rendered[i]))
+    batches = []
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        packed, sizes = pack_rows([row for i in batch for row in rendered[i]], [examples[i][2] for i in batch])
+        batches.append((packed.pin_memory() if pin else packed, sizes))  # pinned: the copy need not wait
+    return batches
 
 
 @torch.inference_mode()
-def hellaswag_score(model, examples, device, batch_size=32, rank=0, world_size=1):
+def hellaswag_score(model, examples, device, batch_size=64, rank=0, world_size=1):
     """{"acc", "acc_norm", "n"} of model on examples. Rank r of world_size scores examples r, r + W, ...
-    and the counts are summed over the ranks, so every rank returns the score of all examples."""
-    rendered = [render_example(ex, model.config.block_size) for ex in examples[rank::world_size]]
-    labels = [ex["label"] for ex in examples[rank::world_size]]
-    # examples of similar length share a forward: less padding to compute
-    order = sorted(range(len(rendered)), key=lambda i: max(len(tokens) for tokens, _ in rendered[i]))
+    and the counts are summed over the ranks, so every rank returns the score of all examples.
+    Nothing waits for the GPU until the final counts."""
+    mine = tuple((ex["ctx"], tuple(ex["endings"]), ex["label"]) for ex in examples[rank::world_size])
+    pin = torch.device(device).type == "cuda"
     counts = torch.zeros(3, device=device)  # right by total loss, right by mean loss, examples
-    for start in tqdm(range(0, len(order), batch_size), desc="hellaswag", unit="batch", leave=False,
-                      disable=rank != 0):
-        batch = order[start : start + batch_size]
-        total, mean = ending_losses(model, [row for i in batch for row in rendered[i]], device)
-        label = torch.tensor([labels[i] for i in batch], device=device)
-        counts[0] += (total.view(-1, 4).argmin(dim=1) == label).sum()
-        counts[1] += (mean.view(-1, 4).argmin(dim=1) == label).sum()
-        counts[2] += len(batch)
+    for packed, sizes in tqdm(prepared_batches(mine, model.config.block_size, batch_size, pin), desc="hellaswag",
+                              unit="batch", leave=False, disable=rank != 0):
+        total, mean, labels = row_losses(model, packed, sizes, device)
+        counts[0] += (total.view(-1, 4).argmin(dim=1) == labels).sum()
+        counts[1] += (mean.view(-1, 4).argmin(dim=1) == labels).sum()
+        counts[2] += len(labels)
     if world_size > 1:
         dist.all_reduce(counts)
     right, right_norm, n = counts.tolist()

@@ -1,0 +1,47 @@
+"""The code the benchmarks time is the stage scripts' own: their model section (the text between the
+model markers, the same in every stage script) and train_gpt.py's settings block, each run on its own,
+without the script's setup or loop. Nothing else is imported from the scripts, so nothing runs."""
+
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))  # data/ imports from the repo root, wherever the bench is started
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from data import UserError  # noqa: E402
+from data.tokenizer import VOCAB_SIZE  # noqa: E402
+
+RULE = "# " + "-" * 77
+MODEL_BEGIN, MODEL_END = f"{RULE} model\n", f"{RULE} end of model\n"
+SETTINGS_BEGIN, SETTINGS_END = f"{RULE} settings\n", "\nconfig = parse_settings("
+
+
+def _between(script, begin, end):
+    """The text of script from the line `begin` up to `end`, after blank lines that keep the script's line
+    numbers, so a traceback points at the right line of the script."""
+    text = (REPO_ROOT / script).read_text()
+    if text.count(begin) != 1 or end not in text:
+        raise UserError(f"{script}: expected one {begin.strip()!r} line followed by {end.strip()!r}")
+    start = text.index(begin)
+    return "\n" * text.count("\n", 0, start) + text[start : text.index(end, start)]
+
+
+def model_namespace(script="train_gpt.py"):
+    """A stage script's model section, run alone: its names (GPT, GPTConfig, KVCache, sample_logits, ...)."""
+    namespace = dict(__name__=f"model_of_{Path(script).stem}", math=math, dataclass=dataclass, torch=torch, nn=nn,
+                     F=F, UserError=UserError, VOCAB_SIZE=VOCAB_SIZE)
+    exec(compile(_between(script, MODEL_BEGIN, MODEL_END), str(REPO_ROOT / script), "exec"), namespace)
+    return namespace
+
+
+def script_settings(script="train_gpt.py"):
+    """A stage script's settings block run alone: {name: default} for its int/float/bool/str settings."""
+    namespace = {}
+    exec(compile(_between(script, SETTINGS_BEGIN, SETTINGS_END), str(REPO_ROOT / script), "exec"), namespace)
+    return {k: v for k, v in namespace.items() if not k.startswith("_") and type(v) in (int, float, bool, str)}
