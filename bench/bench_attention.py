@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from data import UserError, one_line_errors
-from data.run import check_settings, parse_settings, pick_device
+from data.run import pick_device
+from data.settings import check_settings, parse_settings
 
 one_line_errors()
 

@@ -30,7 +30,8 @@ from stage_code import REPO_ROOT, model_namespace  # bench/: puts the repo root 
 
 import data.hellaswag as hellaswag
 from data import UserError, one_line_errors
-from data.run import check_settings, parse_settings, pick_autocast, pick_device
+from data.run import pick_autocast, pick_device
+from data.settings import check_settings, parse_settings
 from data.tokenizer import EOT
 
 one_line_errors()

@@ -26,7 +26,8 @@ import torch
 from stage_code import REPO_ROOT, model_namespace, script_settings  # bench/: puts the repo root on sys.path
 
 from data import UserError, one_line_errors
-from data.run import check_settings, parse_config, pick_autocast, pick_device
+from data.run import pick_autocast, pick_device
+from data.settings import check_settings, parse_config
 from data.tokenizer import VOCAB_SIZE
 
 one_line_errors()
