@@ -1,38 +1,35 @@
 """Small utilities shared by the tests.
 
 The model code is not a module: it is the text between the model markers, copied into every
-stage script. These helpers read that text from any script and run it on its own, so a test can
-build the GPT of train_gpt.py or finetune_sft.py without running the script's training code.
+stage script. bench/stage_code.py reads that text from any script and runs it on its own
+(load_model_namespace), so a test can build the GPT of train_gpt.py or finetune_sft.py without
+running the script's training code.
 A stage script itself runs in-process (run_script: no second torch import, ~3 s saved per run)
 or as a subprocess where a test needs a real process (signals, torchrun, exit status).
 """
 
 import json
-import math
 import os
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-
-from data import UserError
-from data.tokenizer import VOCAB_SIZE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "bench"))
+from stage_code import MODEL_BEGIN, MODEL_END  # noqa: E402  # the benchmarks read the model section the same way
+from stage_code import model_namespace as load_model_namespace  # noqa: E402
+
 SAMPLES = REPO_ROOT / "data" / "samples"
 SAMPLE_SHARDS = SAMPLES / "fineweb_edu"  # 100 real FineWeb-Edu documents, prepared
 SAMPLE_SFT = SAMPLES / "sft"  # 500 real Raschka instruction rows, prepared
 HELLASWAG = SAMPLES / "hellaswag_val_200.jsonl"  # the first 200 rows of the real val set
 RASCHKA = SAMPLES / "raschka_instruction_500.json"
 
-MODEL_BEGIN = "# ----------------------------------------------------------------------------- model\n"
-MODEL_END = "# ----------------------------------------------------------------------------- end of model\n"
 TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=64)  # a model that runs in milliseconds on a CPU
 
 
@@ -42,15 +39,6 @@ def model_section(script_path):
     if text.count(MODEL_BEGIN) != 1 or text.count(MODEL_END) != 1:
         raise ValueError(f"{script_path}: expected one '# ---...--- model' and one '# ---...--- end of model' line")
     return text[text.index(MODEL_BEGIN) : text.index(MODEL_END) + len(MODEL_END)]
-
-
-def load_model_namespace(script_path):
-    """Run a script's model section alone; return its names (GPT, GPTConfig, KVCache, sample_logits, ...).
-    The section gets exactly the imports it may rely on: math, dataclass, torch, nn, F, UserError, VOCAB_SIZE."""
-    namespace = dict(__name__=f"model_of_{Path(script_path).stem}", math=math, dataclass=dataclass, torch=torch,
-                     nn=nn, F=F, UserError=UserError, VOCAB_SIZE=VOCAB_SIZE)
-    exec(compile(model_section(script_path), str(script_path), "exec"), namespace)
-    return namespace
 
 
 def make_checkpoint(path, arch="gpt2", chat=False, seed=0, script=REPO_ROOT / "train_gpt.py", **config):
