@@ -14,7 +14,7 @@ from helpers import REPO_ROOT, load_model_namespace, make_checkpoint, model_sect
 import eval_hellaswag
 import sample
 
-STAGE_SCRIPTS = ["train_gpt.py", "finetune_sft.py", "sample.py", "eval_hellaswag.py"]
+STAGE_SCRIPTS = ["train_gpt.py", "finetune_sft.py", "sample.py", "eval_hellaswag.py", "export_hf.py"]
 PRESENT = [name for name in STAGE_SCRIPTS if (REPO_ROOT / name).is_file()]
 
 
