@@ -565,6 +565,9 @@ def write_folder(folder, name, model, checkpoint, ckpt_path, save_dtype):
     hf.load_state_dict(hf_state_dict(c, state))  # strict: every name and shape must match
     hf.generation_config = GenerationConfig(bos_token_id=EOT, eos_token_id=EOT, pad_token_id=EOT)
     hf.to(getattr(torch, save_dtype)).save_pretrained(folder, safe_serialization=True)
+    if c.arch == "llama":  # transformers 5 writes rope_parameters only; 4.x (and what pins it) reads rope_theta
+        hf_json = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**hf_json, "rope_theta": c.rope_theta}, indent=2) + "\n")
     tokenizer_json, tokenizer_config = hf_tokenizer(c.vocab_size, c.block_size, chat)
     (folder / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8")

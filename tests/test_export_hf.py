@@ -92,11 +92,11 @@ def make_checkpoint(run_dir, arch, chat=False, seed=0, **config):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """arch -> (our model, the exported folder): gpt2 as a base model, llama as a chat model."""
+    """arch -> (our model, the exported folder): gpt2 as a base model, llama as a chat model with its own RoPE base."""
     root = tmp_path_factory.mktemp("export")
     result = {}
-    for arch, chat in (("gpt2", False), ("llama", True)):
-        model = make_checkpoint(root / f"run_{arch}", arch, chat=chat)
+    for arch, options in (("gpt2", {}), ("llama", dict(chat=True, rope_theta=5000.0))):
+        model = make_checkpoint(root / f"run_{arch}", arch, **options)
         export(f"--ckpt={root / f'run_{arch}'}", f"--out_dir={root / f'hf_{arch}'}", "--check=False")
         result[arch] = model, root / f"hf_{arch}"
     return result
@@ -117,6 +117,9 @@ def test_logits_equal_ours(exported, arch):
     hf = load_hf(folder)
     assert type(hf).__name__ == {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[arch]
     assert hf.config.vocab_size == VOCAB_SIZE and hf.config.tie_word_embeddings == (arch == "gpt2")
+    if arch == "llama":  # read by transformers 5 (rope_parameters) and 4.x (rope_theta) alike
+        saved = json.loads((folder / "config.json").read_text())
+        assert saved["rope_theta"] == saved.get("rope_parameters", saved)["rope_theta"] == 5000.0
     idx = torch.randint(0, VOCAB_SIZE, (2, TINY["block_size"]), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected, _ = model(idx)
