@@ -575,6 +575,10 @@ def write_folder(folder, name, model, checkpoint, ckpt_path, save_dtype):
     n_params = sum(p.numel() for p in model.parameters())
     card = model_card(name, c, n_params, chat, facts, commands, save_dtype)
     (folder / "README.md").write_text(card, encoding="utf-8")
+    umask = os.umask(0o022)  # transformers 5 writes model.safetensors readable by its owner only:
+    os.umask(umask)  # give it the mode of the other files, so that a server running as another user can read it
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
 
 
 @torch.no_grad()

@@ -203,6 +203,8 @@ def test_model_card_and_files(exported):
     folder = exported["llama"][1]
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "README.md"} <= {p.name for p in folder.iterdir()}
+    modes = {(folder / name).stat().st_mode & 0o777 for name in ("model.safetensors", "config.json", "README.md")}
+    assert len(modes) == 1  # the weights are as readable as the rest (transformers 5 makes them owner-only)
     card = (folder / "README.md").read_text()
     for fact in ("LlamaForCausalLM", "parameters", "10.2K (20 steps x 512 tokens)", "7.7500 at step 20 (best 7.5000)",
                  "0.2600 at step 20, first 50", "python train_gpt.py --arch=llama", "export_hf.py", "chat | yes"):
