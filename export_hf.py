@@ -29,6 +29,7 @@ for such text too. Chat checkpoints get a chat_template that renders ours:
 <|endoftext|> then <|user|>{prompt}<|assistant|>{reply}<|endoftext|> per turn.
 
 Settings: the block below, then --key=value (or --key value).
+The sections: settings, model (the same text in every stage script), export, main.
 """
 
 import json
