@@ -541,8 +541,9 @@ def model_card(name, c, n_params, chat, facts, commands, save_dtype):
     return (
         "---\nlibrary_name: transformers\npipeline_tag: text-generation\n"
         f"tags:\n- {c.arch}\n- {'chat' if chat else 'base'}\n---\n\n"
-        f"# {name}\n\n"
-        "| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows.items()) + "\n"
+        f"# {Path(name).name}\n\n"
+        "| | |\n|---|---|\n" + "".join(f"| {k} | {v.replace('|', chr(92) + '|')} |\n" for k, v in rows.items())
+        + "\n"
         f"Trained with:\n\n{made}\n\n"
         f"Exported with:\n\n    python {' '.join(['export_hf.py', *sys.argv[1:]])}\n\n"
         "Use:\n\n"
