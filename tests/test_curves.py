@@ -90,9 +90,9 @@ def test_run_log_without_matplotlib_notes_once_and_goes_on(tmp_path, capsys, mon
 def test_training_logs_progress_and_leaves_curves(tmp_path):
     """The smoke config for 2 steps, then fine-tuning it for 2: each run dir holds its curves.png, and
     the log lines say ms/step, elapsed time and ETA, and no MFU on a CPU (no peak FLOP/s known)."""
-    common = ["--device=cpu", "--max_iters=2", "--eval_interval=1", "--sample_interval=0", "--log_interval=1"]
+    common = ["--device=cpu", "--max_iters=2", "--eval_interval=2", "--sample_interval=0", "--log_interval=1"]
     runs = {"pretrain": [sys.executable, "train_gpt.py", "configs/smoke.toml", *common, "--hellaswag_interval=0",
-                         f"--out_dir={tmp_path / 'pretrain'}"],
+                         "--val_tokens=512", f"--out_dir={tmp_path / 'pretrain'}"],
             "sft": [sys.executable, "finetune_sft.py", "configs/sft_smoke.toml", *common, "--batch_size=2",
                     "--gradient_accumulation_steps=1", "--val_examples=8", f"--init_from={tmp_path / 'pretrain'}",
                     f"--out_dir={tmp_path / 'sft'}"]}
