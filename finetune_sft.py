@@ -44,6 +44,7 @@ from data.run import (
     RunLog,
     StopRequest,
     changed_settings,
+    duration,
     init_distributed,
     lock_run_dir,
     param_norm,
@@ -113,7 +114,7 @@ def get_lr_factor(step, warmup_iters=warmup_iters, end=lr_decay_iters or max_ite
 
 
 # ----------------------------------------------------------------------------- model
-# The same text stands in train_gpt.py, finetune_sft.py, sample.py and eval_hellaswag.py
+# The same text stands in train_gpt.py, finetune_sft.py, sample.py, eval_hellaswag.py and export_hf.py
 # (tests/test_model_sync.py checks), so each stage script reads on its own.
 
 
@@ -587,7 +588,8 @@ def write_checkpoint():
 # ----------------------------------------------------------------------------- training loop
 stop_requested = StopRequest()  # Ctrl-C / SIGTERM: finish the step, checkpoint, exit; a second Ctrl-C exits at once
 start_step = step  # a resumed run does not rewrite the checkpoint it started from
-tokens_since, time_since = 0, time.perf_counter()
+tokens_since, time_since, logged_step = 0, time.perf_counter(), step
+run_start = time_since
 while True:
     last = step >= max_iters
 
@@ -653,18 +655,23 @@ while True:
                   f"is {out_dir}/ckpt.pt (try a lower learning rate or grad_clip)")
         sys.exit(1)
     if step % log_interval == 0 or step == max_iters:
-        dt = time.perf_counter() - time_since
+        now = time.perf_counter()
+        dt = now - time_since
         rec = {"step": step, "loss": loss_value, "lr": learning_rate * lr_factor, "grad_norm": norm_value,
                "param_norm": param_norm(raw_model), "tokens_per_sec": tokens_since / dt}
+        eta = (now - run_start) / (step - start_step) * (max_iters - step)  # evals and checkpoints included
         log.print(f"step {step}/{max_iters}: loss {loss_value:.4f}, lr {rec['lr']:.2e}, grad norm {norm_value:.3f}, "
-                  f"param norm {rec['param_norm']:.1f}, {rec['tokens_per_sec']:,.0f} tok/s")
+                  f"param norm {rec['param_norm']:.1f}, {rec['tokens_per_sec']:,.0f} tok/s, "
+                  f"{1000 * dt / (step - logged_step):.0f} ms/step | {duration(now - run_start)} elapsed, "
+                  f"ETA {duration(eta)}")
         log.metrics(rec)
-        tokens_since, time_since = 0, time.perf_counter()
+        tokens_since, time_since, logged_step = 0, time.perf_counter(), step
     if stop_requested(ddp, device):
         log.print(f"step {step}: interrupted by signal")
         break
 
 write_checkpoint()
+log.close()  # the final curves.png
 if ddp:
     dist.barrier()  # gloo aborts a rank that leaves while another is still writing the checkpoint
     dist.destroy_process_group()

@@ -53,7 +53,7 @@ config = parse_settings(globals(), sys.argv[1:], positional="prompt")
 globals().update(config)
 
 # ----------------------------------------------------------------------------- model
-# The same text stands in train_gpt.py, finetune_sft.py, sample.py and eval_hellaswag.py
+# The same text stands in train_gpt.py, finetune_sft.py, sample.py, eval_hellaswag.py and export_hf.py
 # (tests/test_model_sync.py checks), so each stage script reads on its own.
 
 

@@ -112,6 +112,12 @@ def init_distributed(device):
     return True, dist.get_rank(), dist.get_world_size(), device
 
 
+def duration(seconds):
+    """A time at a glance: 42 -> '42s', 125 -> '2m05s', 3725 -> '1h02m'."""
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
 def param_norm(model):
     return torch.sqrt(sum(p.detach().float().square().sum() for p in model.parameters())).item()
 
@@ -166,7 +172,8 @@ def versions():
 
 
 class RunLog:
-    """out_dir/log.txt (readable) and out_dir/metrics.jsonl (one JSON object per logged step).
+    """out_dir/log.txt (readable), out_dir/metrics.jsonl (one JSON object per logged step) and
+    out_dir/curves.png (data/curves.py), redrawn at each eval record and by close().
 
     A run begins its log with the command, versions and resolved config, and copies the code that
     produced it (the script and data/*.py) to out_dir/code/. On resume from `resume_step`, what
@@ -175,6 +182,7 @@ class RunLog:
 
     def __init__(self, out_dir, script, config, resume_step=None, enabled=True, wandb_project=""):
         self.out_dir, self.enabled, self.wandb = Path(out_dir), enabled, None
+        self.curves, self.undrawn = True, False  # curves: False once drawing failed; undrawn: records to draw
         self.metrics_path, self.log_path = self.out_dir / "metrics.jsonl", self.out_dir / "log.txt"
         if not enabled:
             return
@@ -230,5 +238,31 @@ class RunLog:
             return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        self.undrawn = True
         if self.wandb:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        if "val_loss" in record:
+            self.draw()
+
+    def draw(self):
+        """Redraw out_dir/curves.png. A picture is never worth a run: without matplotlib, or on any
+        failure to draw, one note and no more pictures."""
+        if not (self.enabled and self.curves and self.undrawn):
+            return
+        try:
+            from data.curves import draw_curves
+
+            draw_curves([self.out_dir], self.out_dir / "curves.png")
+            self.undrawn = False
+        except ModuleNotFoundError as e:
+            self.curves = False
+            name = (e.name or "matplotlib").split(".")[0]
+            self.print(f"note: no {self.out_dir / 'curves.png'}: drawing it needs {name} (pip install {name})")
+        except Exception as e:
+            self.curves = False
+            self.print(f"note: no more {self.out_dir / 'curves.png'}: drawing failed ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''})")
+
+    def close(self):
+        """The end of a run: the final picture, unless the last eval drew everything already."""
+        self.draw()

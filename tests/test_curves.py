@@ -1,0 +1,107 @@
+"""data/curves.py and the run log's pictures: a PNG per run at each eval and at the end, several runs on
+one figure, and a run that never stops for want of matplotlib; the progress a training log line gives."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data import UserError
+from data.curves import draw_curves, read_metrics
+from data.run import RunLog
+
+pytest.importorskip("matplotlib")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def fake_run(run_dir, steps=60, seed=0.0):
+    """A run dir whose metrics.jsonl has what train_gpt.py logs: train records every step, evals every 20."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for step in range(steps + 1):
+        if step % 20 == 0:
+            lines.append({"step": step, "val_loss": 10.0 - step / 10 + seed, **({"hellaswag": 0.25 + step / 1000}
+                                                                               if step else {})})
+        if step:
+            lines.append({"step": step, "loss": 10.0 - step / 10 + seed, "lr": 1e-3, "grad_norm": 1.0 + step % 3,
+                          "param_norm": 40.0 + step, "tokens_per_sec": 1000.0, "mfu": 0.0})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 61, "lo')
+    return run_dir
+
+
+def test_draw_one_run_and_several(tmp_path):
+    one = draw_curves([fake_run(tmp_path / "muon")], tmp_path / "one.png")
+    two = draw_curves([tmp_path / "muon", fake_run(tmp_path / "adamw", seed=0.5)], tmp_path / "two.png",
+                      labels=["Muon", "AdamW"])
+    for path in (one, two):
+        assert path.read_bytes().startswith(PNG) and path.stat().st_size > 10_000
+    assert len(read_metrics(tmp_path / "muon")) == 60 + 4  # the torn last line is skipped
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adamw", "muon", "one.png", "two.png"]  # no temp file
+    with pytest.raises(UserError, match="metrics.jsonl not found"):
+        draw_curves([tmp_path / "nothing"], tmp_path / "x.png")
+
+
+def test_cli_overlays_runs(tmp_path):
+    fake_run(tmp_path / "a"), fake_run(tmp_path / "b", seed=1.0)
+    result = subprocess.run([sys.executable, "data/curves.py", tmp_path / "a", tmp_path / "b", "--labels=A,B",
+                             f"--out={tmp_path / 'ab.png'}"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "ab.png").read_bytes().startswith(PNG)
+    result = subprocess.run([sys.executable, "data/curves.py", tmp_path / "a", tmp_path / "b"], cwd=REPO_ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        "error: several runs need --out=PICTURE.png (one run's picture defaults to RUN/curves.png)"]
+
+
+def test_run_log_draws_at_each_eval_and_at_the_end(tmp_path, capsys):
+    log = RunLog(tmp_path / "run", __file__, {"lr": 1.0})
+    png = tmp_path / "run" / "curves.png"
+    log.metrics({"step": 1, "loss": 9.0})
+    assert not png.exists()  # train records alone: no redraw
+    log.metrics({"step": 1, "val_loss": 9.5})
+    assert png.read_bytes().startswith(PNG)
+    png.unlink()
+    log.close()
+    assert not png.exists()  # nothing new since the eval drew
+    log.metrics({"step": 2, "loss": 8.0})
+    log.close()
+    assert png.is_file()
+    assert "note" not in capsys.readouterr().out
+
+
+def test_run_log_without_matplotlib_notes_once_and_goes_on(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ModuleNotFoundError
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    log = RunLog(tmp_path / "run", __file__, {})
+    for step in range(3):
+        log.metrics({"step": step, "loss": 9.0, "val_loss": 9.0})
+    log.close()
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note")]
+    assert notes == [f"note: no {tmp_path / 'run' / 'curves.png'}: drawing it needs matplotlib "
+                     "(pip install matplotlib)"]
+    assert not (tmp_path / "run" / "curves.png").exists() and len(read_metrics(tmp_path / "run")) == 3
+
+
+def test_training_logs_progress_and_leaves_curves(tmp_path):
+    """The smoke config for 2 steps, then fine-tuning it for 2: each run dir holds its curves.png, and
+    the log lines say ms/step, elapsed time and ETA, and no MFU on a CPU (no peak FLOP/s known)."""
+    common = ["--device=cpu", "--max_iters=2", "--eval_interval=2", "--sample_interval=0", "--log_interval=1"]
+    runs = {"pretrain": [sys.executable, "train_gpt.py", "configs/smoke.toml", *common, "--hellaswag_interval=0",
+                         "--val_tokens=512", f"--out_dir={tmp_path / 'pretrain'}"],
+            "sft": [sys.executable, "finetune_sft.py", "configs/sft_smoke.toml", *common, "--batch_size=2",
+                    "--gradient_accumulation_steps=1", "--val_examples=8", f"--init_from={tmp_path / 'pretrain'}",
+                    f"--out_dir={tmp_path / 'sft'}"]}
+    for name, cmd in runs.items():
+        result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert (tmp_path / name / "curves.png").read_bytes().startswith(PNG), name
+        lines = [line for line in result.stdout.splitlines() if re.match(r"step \d+/2: loss", line)]
+        assert len(lines) == 2, result.stdout
+        for line in lines:
+            assert re.search(r", \d+ ms/step \| \d+s elapsed, ETA \d+s$", line), line
+            assert "MFU" not in line, line

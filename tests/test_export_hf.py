@@ -1,0 +1,244 @@
+"""export_hf.py: both archs load in transformers with our logits, our greedy tokens and our token ids;
+what cannot be expressed is refused; nothing half-written. CPU only, offline, seconds."""
+
+import json
+import math
+import os
+import runpy
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # the exported folder is read from disk, never the Hub
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data import UserError
+from data.tokenizer import ASSISTANT, EOT, USER, VOCAB_SIZE, chat_prompt, get_tokenizer, render_chat
+
+transformers = pytest.importorskip("transformers")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "export_hf.py"
+MODEL_BEGIN = "# ----------------------------------------------------------------------------- model\n"
+MODEL_END = "# ----------------------------------------------------------------------------- end of model\n"
+TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=64)
+TEXTS = [  # Unicode, emoji, whitespace runs, CRLF, contractions, numbers, a long run of one letter
+    "Hello, world! The café's naïve façade.",
+    "日本語のテキスト, Ελληνικά, русский, עברית, 한국어",
+    "emoji 🤖🎉👩‍👩‍👧 and flags 🇫🇷 mixed with text",
+    "   leading spaces\n\n\n\ttabs\t\there  \r\n\r\n trailing   ",
+    "I'm sure you'll see they've DON'T 'S",
+    "3.14159 + 2,718 = 1e10; x_1=0x1F",
+    "a" * 500,
+    " \u00a0\u2003\u3000 odd spaces ",
+    "",
+]
+
+
+def export_namespace():
+    """export_hf.py's names (functions, constants), without running its main section."""
+    text = SCRIPT.read_text()
+    head = text[: text.index("# ----------------------------------------------------------------------------- main")]
+    old_argv, old_hook = sys.argv, sys.excepthook
+    sys.argv = [str(SCRIPT)]
+    try:
+        namespace = {"__name__": "export_hf_functions", "__file__": str(SCRIPT)}
+        exec(compile(head, str(SCRIPT), "exec"), namespace)
+    finally:
+        sys.argv, sys.excepthook = old_argv, old_hook
+    return namespace
+
+
+def export(*args):
+    """Run export_hf.py in this process (torch and transformers are imported once) with these flags."""
+    old_argv, old_hook = sys.argv, sys.excepthook
+    sys.argv = [str(SCRIPT), *args]
+    try:
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    finally:
+        sys.argv, sys.excepthook = old_argv, old_hook
+
+
+def make_checkpoint(run_dir, arch, chat=False, seed=0, **config):
+    """A small random model in train_gpt.py's checkpoint format, in run_dir/ckpt.pt; returns the model.
+    Every weight is drawn at random (norms and biases too), so a weight put in the wrong place shows."""
+    text = SCRIPT.read_text()
+    namespace = dict(math=math, dataclass=dataclass, torch=torch, nn=nn, F=F, UserError=UserError,
+                     VOCAB_SIZE=VOCAB_SIZE)
+    exec(compile(text[text.index(MODEL_BEGIN) : text.index(MODEL_END)], str(SCRIPT), "exec"), namespace)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = namespace["GPT"](namespace["GPTConfig"](arch=arch, **{**TINY, **config}))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.dim() == 1:
+                    p.copy_(torch.randn_like(p) * 0.3 + (1.0 if name.endswith("ln_1.weight") else 0.0))
+                else:
+                    p.normal_(0.0, 0.1)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = {"arch": arch, "total_batch_size": 512, "hellaswag_limit": 50}
+    torch.save({"model": model.state_dict(), "model_config": asdict(model.config), "chat": chat, "config": cfg,
+                "step": 20, "best_val_loss": 7.5}, run_dir / "ckpt.pt")
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 10, "val_loss": 7.5}) + "\n" + json.dumps(
+        {"step": 20, "val_loss": 7.75, "hellaswag": 0.26}) + "\n{torn")
+    (run_dir / "log.txt").write_text(f"command: python train_gpt.py --arch={arch} --out_dir={run_dir}\n")
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """arch -> (our model, the exported folder): gpt2 as a base model, llama as a chat model with its own RoPE base."""
+    root = tmp_path_factory.mktemp("export")
+    result = {}
+    for arch, options in (("gpt2", {}), ("llama", dict(chat=True, rope_theta=5000.0))):
+        model = make_checkpoint(root / f"run_{arch}", arch, **options)
+        export(f"--ckpt={root / f'run_{arch}'}", f"--out_dir={root / f'hf_{arch}'}", "--check=False")
+        result[arch] = model, root / f"hf_{arch}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(exported):
+    return transformers.AutoTokenizer.from_pretrained(exported["llama"][1])
+
+
+def load_hf(folder):
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_logits_equal_ours(exported, arch):
+    model, folder = exported[arch]
+    hf = load_hf(folder)
+    assert type(hf).__name__ == {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[arch]
+    assert hf.config.vocab_size == VOCAB_SIZE and hf.config.tie_word_embeddings == (arch == "gpt2")
+    if arch == "llama":  # read by transformers 5 (rope_parameters) and 4.x (rope_theta) alike
+        saved = json.loads((folder / "config.json").read_text())
+        assert saved["rope_theta"] == saved.get("rope_parameters", saved)["rope_theta"] == 5000.0
+    idx = torch.randint(0, VOCAB_SIZE, (2, TINY["block_size"]), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, _ = model(idx)
+        got = hf(idx).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_greedy_generation_is_identical(exported, arch):
+    model, folder = exported[arch]
+    hf = load_hf(folder)
+    prompt = torch.tensor([[EOT, *get_tokenizer().encode_ordinary("The capital of France is")]])
+    n = 24
+    ours = [t.item() for t in model.generate(prompt, n, temperature=0)]
+    ours = ours[: ours.index(EOT) + 1] if EOT in ours else ours  # transformers stops after <|endoftext|>
+    with torch.no_grad():
+        theirs = hf.generate(prompt, do_sample=False, max_new_tokens=n)[0, prompt.size(1) :]
+    assert theirs.tolist() == ours and len(ours) > 10
+
+
+def test_rope_sign_flip_turns_ours_into_hf_convention():
+    """apply_rope rotates the pair (i, i + D/2) the other way from HF's rotate_half; the flip of the second
+    half of each head's q and k channels that hf_state_dict applies gives the same attention scores."""
+    from transformers.models.llama.modeling_llama import LlamaConfig, LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    ns = export_namespace()
+    T, H, D = 16, 2, 32
+    q, k = torch.randn(2, 1, T, H, D, generator=torch.Generator().manual_seed(0)).unbind(0)
+    model = ns["GPT"](ns["GPTConfig"](arch="llama", n_layer=1, n_head=H, n_embd=H * D, block_size=T))
+    rope = model.rope_cos, model.rope_sin
+    ours = torch.einsum("bthd,bshd->bhts", ns["apply_rope"](q, *rope), ns["apply_rope"](k, *rope))
+
+    rotary = LlamaRotaryEmbedding(LlamaConfig(hidden_size=H * D, num_attention_heads=H, rope_theta=10000.0))
+    cos, sin = rotary(q, torch.arange(T)[None])
+    flip = torch.cat([torch.ones(D // 2), -torch.ones(D // 2)])
+
+    def hf_scores(q, k):
+        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        return q @ k.transpose(-1, -2)
+
+    torch.testing.assert_close(hf_scores(q * flip, k * flip), ours, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(hf_scores(q, k), ours, atol=1e-2)  # without the flip they differ
+
+
+def test_tokenizer_gives_our_ids(hf_tokenizer):
+    enc = get_tokenizer()
+    assert len(hf_tokenizer) == ASSISTANT + 1  # ids 50259..50303 are model padding, no tokens
+    assert (hf_tokenizer.eos_token_id, hf_tokenizer.bos_token_id) == (EOT, EOT)
+    for text in TEXTS:
+        ids = enc.encode_ordinary(text)
+        assert hf_tokenizer(text)["input_ids"] == ids, text
+        assert hf_tokenizer.decode(ids) == text
+
+
+def test_marker_strings_in_text(hf_tokenizer):
+    """Ours encodes user text as plain characters; the HF tokenizer, like every HF chat tokenizer,
+    turns the marker strings into control ids unless told split_special_tokens=True."""
+    enc = get_tokenizer()
+    text = "say <|user|> or <|assistant|> or <|endoftext|>, literally"
+    assert hf_tokenizer(text, split_special_tokens=True)["input_ids"] == enc.encode_ordinary(text)
+    assert hf_tokenizer(text)["input_ids"] == enc.encode(text, allowed_special="all")
+    assert {USER, ASSISTANT, EOT} <= set(hf_tokenizer(text)["input_ids"])
+    assert hf_tokenizer.decode([EOT, USER, 40, ASSISTANT, 50300], skip_special_tokens=True) == "I"
+
+
+def test_chat_template_renders_ours(hf_tokenizer, exported):
+    turns = [("Name three primary colors.", "Red, yellow and blue."), ("And 2 + 2? 🤔", "4.")]
+    messages = [m for p, r in turns for m in ({"role": "user", "content": p}, {"role": "assistant", "content": r})]
+    ids = hf_tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    assert ids == [EOT, *render_chat(turns)[0]]
+    prompt = hf_tokenizer.apply_chat_template(messages[:1], add_generation_prompt=True, tokenize=True,
+                                              return_dict=True)["input_ids"]
+    assert prompt == [EOT, *chat_prompt(turns[0][0])]  # what sample.py feeds a chat model
+    with pytest.raises(Exception, match="user and assistant turns only"):
+        hf_tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."}, *messages], tokenize=False)
+    base = json.loads((exported["gpt2"][1] / "tokenizer_config.json").read_text())
+    assert "chat_template" not in base  # a base model has no template
+
+
+def test_model_card_and_files(exported):
+    folder = exported["llama"][1]
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "README.md"} <= {p.name for p in folder.iterdir()}
+    modes = {(folder / name).stat().st_mode & 0o777 for name in ("model.safetensors", "config.json", "README.md")}
+    assert len(modes) == 1  # the weights are as readable as the rest (transformers 5 makes them owner-only)
+    card = (folder / "README.md").read_text()
+    for fact in ("LlamaForCausalLM", "parameters", "10.2K (20 steps x 512 tokens)", "7.7500 at step 20 (best 7.5000)",
+                 "0.2600 at step 20, first 50", "python train_gpt.py --arch=llama", "export_hf.py", "chat | yes"):
+        assert fact in card, fact
+    assert not list(folder.parent.glob("*.tmp*"))
+
+
+def test_bfloat16_export_passes_its_check(tmp_path, capsys):
+    make_checkpoint(tmp_path / "run", "gpt2")
+    export(f"--ckpt={tmp_path / 'run'}", f"--out_dir={tmp_path / 'hf'}", "--save_dtype=bfloat16")
+    assert "check: transformers loads" in capsys.readouterr().out
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "hf" / "model.safetensors", "pt") as f:
+        assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"BF16"}
+
+
+@pytest.mark.parametrize("options, named", [(dict(qk_norm=True), "qk_norm=True"),
+                                            (dict(logit_softcap=30.0), "logit_softcap=30.0")])
+def test_inexpressible_options_are_refused(tmp_path, options, named):
+    make_checkpoint(tmp_path / "run", "llama", **options)
+    with pytest.raises(UserError, match=named) as e:
+        export(f"--ckpt={tmp_path / 'run'}", f"--out_dir={tmp_path / 'hf'}")
+    assert "\n" not in str(e.value) and "LlamaForCausalLM" in str(e.value)
+    assert not (tmp_path / "hf").exists() and not list(tmp_path.glob("hf*"))
+
+
+def test_existing_out_dir_is_kept_unless_overwrite(tmp_path):
+    make_checkpoint(tmp_path / "run", "gpt2")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "mine.txt").write_text("keep")
+    with pytest.raises(UserError, match="--overwrite"):
+        export(f"--ckpt={tmp_path / 'run'}", f"--out_dir={tmp_path / 'hf'}")
+    assert (tmp_path / "hf" / "mine.txt").read_text() == "keep"
+    export(f"--ckpt={tmp_path / 'run'}", f"--out_dir={tmp_path / 'hf'}", "--overwrite", "--check=False")
+    assert not (tmp_path / "hf" / "mine.txt").exists() and (tmp_path / "hf" / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "run"]  # no temp or old folder left
