@@ -8,12 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_script
 
 from data import UserError
 from data.curves import draw_curves, read_metrics
 from data.run import RunLog
-
-pytest.importorskip("matplotlib")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -87,21 +86,17 @@ def test_run_log_without_matplotlib_notes_once_and_goes_on(tmp_path, capsys, mon
     assert not (tmp_path / "run" / "curves.png").exists() and len(read_metrics(tmp_path / "run")) == 3
 
 
-def test_training_logs_progress_and_leaves_curves(tmp_path):
-    """The smoke config for 2 steps, then fine-tuning it for 2: each run dir holds its curves.png, and
-    the log lines say ms/step, elapsed time and ETA, and no MFU on a CPU (no peak FLOP/s known)."""
-    common = ["--device=cpu", "--max_iters=2", "--eval_interval=2", "--sample_interval=0", "--log_interval=1"]
-    runs = {"pretrain": [sys.executable, "train_gpt.py", "configs/smoke.toml", *common, "--hellaswag_interval=0",
-                         "--val_tokens=512", f"--out_dir={tmp_path / 'pretrain'}"],
-            "sft": [sys.executable, "finetune_sft.py", "configs/sft_smoke.toml", *common, "--batch_size=2",
-                    "--gradient_accumulation_steps=1", "--val_examples=8", f"--init_from={tmp_path / 'pretrain'}",
-                    f"--out_dir={tmp_path / 'sft'}"]}
-    for name, cmd in runs.items():
-        result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-2000:]
-        assert (tmp_path / name / "curves.png").read_bytes().startswith(PNG), name
-        lines = [line for line in result.stdout.splitlines() if re.match(r"step \d+/2: loss", line)]
-        assert len(lines) == 2, result.stdout
+def test_training_logs_progress_and_leaves_curves(smoke_run, tmp_path, capsys):
+    """The shared smoke run, then fine-tuning it for 2 steps: each run dir holds its curves.png, and the
+    log lines say ms/step, elapsed time and ETA, and no MFU on a CPU (no peak FLOP/s known)."""
+    run_script("finetune_sft.py", "configs/sft_smoke.toml", "--device=cpu", "--max_iters=2", "--eval_interval=2",
+               "--sample_interval=0", "--log_interval=1", "--batch_size=2", "--gradient_accumulation_steps=1",
+               "--val_examples=8", f"--init_from={smoke_run}", f"--out_dir={tmp_path / 'sft'}")
+    printed = capsys.readouterr().out
+    for run_dir, log, steps in ((smoke_run, (smoke_run / "log.txt").read_text(), 6), (tmp_path / "sft", printed, 2)):
+        assert (run_dir / "curves.png").read_bytes().startswith(PNG), run_dir
+        lines = [line for line in log.splitlines() if re.match(rf"step \d+/{steps}: loss", line)]
+        assert len(lines) == steps, log
         for line in lines:
             assert re.search(r", \d+ ms/step \| \d+s elapsed, ETA \d+s$", line), line
             assert "MFU" not in line, line
