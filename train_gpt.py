@@ -567,7 +567,7 @@ def evaluate():
     model.eval()
     total = torch.zeros(2, device=device)
     for x, y in val_data:
-        if stop_requested.signals:  # a long val pass must not hold up Ctrl-C
+        if stop_requested.signals and not ddp:  # a long val pass must not hold up Ctrl-C (DDP ranks must agree)
             model.train()
             return None
         with autocast:
@@ -609,9 +609,11 @@ while True:
     fresh = evals_done_at != step
     if fresh and (step % eval_interval == 0 or last):
         val_loss = evaluate()
-        if val_loss is not None:
-            record["val_loss"] = val_loss
-            best_val_loss = min(best_val_loss, val_loss)
+        if val_loss is None:  # Ctrl-C cut the val pass short: checkpoint now; a resumed run evaluates this step
+            log.print(f"step {step}: interrupted by signal during evaluation")
+            break
+        record["val_loss"] = val_loss
+        best_val_loss = min(best_val_loss, val_loss)
     if fresh and hellaswag_examples and step > 0 and (step % hellaswag_interval == 0 or last):
         with autocast:  # raw_model: the batches of endings vary in length, which would recompile the compiled one
             record["hellaswag"] = hellaswag_score(raw_model, hellaswag_examples, device, rank=rank,
