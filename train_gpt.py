@@ -57,7 +57,7 @@ logit_softcap = 0.0  # 0 = off; e.g. 30 tames logit growth
 init_from = "scratch"  # "scratch", "resume" (out_dir/ckpt.pt) or "gpt2"/"gpt2-medium"/... via transformers
 # data
 data_dir = "data/fineweb_edu"  # train_*.bin and val_*.bin from data/fineweb_edu.py
-loader_mode = "random"  # "random" windows over all train tokens, or "sequential"
+loader_mode = "shuffle"  # every train window once per epoch in a seeded order; or "random" / "sequential" (README)
 batch_size = 32  # micro-batch, in sequences; 32 x 1024 fits a 40 GB GPU at 124M, 64 fits 80 GB
 total_batch_size = 524288  # tokens per optimizer step: 2**19 ~ 0.5M, GPT-3 small's batch
 val_tokens = 10485760  # fixed val set: 20 * 2**19 tokens, the same ones at every eval
@@ -636,9 +636,10 @@ while True:
     if step % log_interval == 0 or step == max_iters:
         tps = tokens_since / (time.perf_counter() - time_since)
         rec = {"step": step, "loss": loss_value, "lr": learning_rate * lr_factor, "grad_norm": norm_value,
-               "param_norm": param_norm(raw_model), "tokens_per_sec": tps, "mfu": mfu(tps)}
+               "param_norm": param_norm(raw_model), "tokens_per_sec": tps, "mfu": mfu(tps), "epoch": loader.epoch}
         log.print(f"step {step}/{max_iters}: loss {loss_value:.4f}, lr {rec['lr']:.2e}, grad norm {norm_value:.3f}, "
-                  f"param norm {rec['param_norm']:.1f}, {tps:,.0f} tok/s, MFU {rec['mfu']:.1%}")
+                  f"param norm {rec['param_norm']:.1f}, {tps:,.0f} tok/s, MFU {rec['mfu']:.1%}, "
+                  f"epoch {rec['epoch']:.3f}")
         log.metrics(rec)
         tokens_since, time_since = 0, time.perf_counter()
     if stop_requested(ddp, device):
