@@ -156,6 +156,16 @@ def test_seeded_permutation_is_a_bijection():
     assert np.array_equal(a(np.arange(100, 200)), a(np.arange(4097))[100:200])  # any positions, alone
 
 
+def test_shuffle_windows_are_a_pure_function_of_the_index(shards):
+    """windows() works out CHUNK micro-batches at a time; any order of calls must give the same windows."""
+    ld = loader(shards, seed=4, rank=1, world_size=3)
+    indices = [1, 4, 7, 300, 301, 0, 199, 4, 1 + 3 * 64, 1 + 3 * 63]
+    got = [ld.windows(i) for i in indices]
+    for i, (shards_, offsets) in zip(indices, got, strict=True):
+        want = loader(shards, seed=4).shuffled(np.arange(i * B, (i + 1) * B))
+        assert np.array_equal(STARTS[want], BOUNDS[shards_] + offsets)
+
+
 def test_shuffle_hands_out_every_window_once_per_epoch(shards):
     ld = loader(shards, seed=1)
     batches = draw(ld, N // B)
