@@ -1,8 +1,8 @@
 """
 What BatchLoader's shuffle mode buys over random (windows drawn with replacement), and what it costs:
 
-  1. coverage: the train tokens that one epoch's worth of windows shows at least once, and twice or
-     more, on the Python 3.11 docs corpus (~3.4M train tokens), for B=64 at T=1024 and at T=128;
+  1. coverage: the train tokens that one epoch's worth of windows predicts (has as a target) at least
+     once, and twice or more, on the Python 3.11 docs corpus (~3.4M train tokens), B=64, T=1024 and 128;
   2. loader time per batch and process RSS over 10,000 batches (B=64, T=1024), on that corpus and on
      a 10B-token train split of sparse shards (FineWeb-Edu sample-10BT's size, 9.8M windows; the
      shards read as zeros and take no disk), each mode in a fresh process;
@@ -65,15 +65,15 @@ def coverage(data_dir, block_size):
     for mode in ("random", "shuffle"):
         loader = BatchLoader(data_dir, "train", B, block_size, seed=0, mode=mode)
         starts = loader.reader.starts
-        seen = np.zeros(int(starts[-1]), dtype=np.int32)  # how often each token is shown, as input or target
+        seen = np.zeros(int(starts[-1]), dtype=np.int32)  # how often each token is a target (predicted)
         n = loader.n_windows
         for g in range(-(-n // B)):
             shards, offsets = loader.windows(g)
             for shard, offset in list(zip(shards, offsets, strict=True))[: n - g * B]:
                 begin = int(starts[shard] + offset)
-                seen[begin : begin + block_size + 1] += 1
+                seen[begin + 1 : begin + block_size + 1] += 1
         print(f"  {mode:8s} T={block_size:<5d} {n:,} windows (one epoch) over {len(seen):,} train tokens: "
-              f"{np.mean(seen > 0):.2%} seen at least once, {np.mean(seen > 1):.2%} twice or more, "
+              f"{np.mean(seen > 0):.2%} predicted at least once, {np.mean(seen > 1):.2%} twice or more, "
               f"most {seen.max()} times")
 
 
