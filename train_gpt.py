@@ -57,7 +57,7 @@ logit_softcap = 0.0  # 0 = off; e.g. 30 tames logit growth
 init_from = "scratch"  # "scratch", "resume" (out_dir/ckpt.pt) or "gpt2"/"gpt2-medium"/... via transformers
 # data
 data_dir = "data/fineweb_edu"  # train_*.bin and val_*.bin from data/fineweb_edu.py
-loader_mode = "random"  # "random" windows over all train tokens, or "sequential"
+loader_mode = "shuffle"  # every train window once per epoch in a seeded order; or "random" / "sequential" (README)
 batch_size = 32  # micro-batch, in sequences; 32 x 1024 fits a 40 GB GPU at 124M, 64 fits 80 GB
 total_batch_size = 524288  # tokens per optimizer step: 2**19 ~ 0.5M, GPT-3 small's batch
 val_tokens = 10485760  # fixed val set: 20 * 2**19 tokens, the same ones at every eval
@@ -452,7 +452,8 @@ check_settings(config, positive=("n_layer", "n_head", "n_embd", "block_size", "b
                                  "max_iters", "log_interval", "eval_interval", "checkpoint_interval", "val_tokens"),
                non_negative=("learning_rate", "muon_lr", "weight_decay", "muon_weight_decay", "warmup_iters",
                              "lr_decay_iters", "grad_clip", "hellaswag_interval", "sample_interval", "keep_last"),
-               choices=dict(arch=("gpt2", "llama"), optimizer=("muon", "adamw"), lr_schedule=("cosine", "wsd")))
+               choices=dict(arch=("gpt2", "llama"), optimizer=("muon", "adamw"), lr_schedule=("cosine", "wsd"),
+                            loader_mode=("shuffle", "random", "sequential")))
 if n_embd % n_head:
     raise UserError(f"n_embd={n_embd} is not divisible by n_head={n_head}; pick n_head among the divisors of n_embd")
 ddp, rank, world_size, device = init_distributed(device)
@@ -669,10 +670,10 @@ while True:
         now = time.perf_counter()
         tps = tokens_since / (now - time_since)
         rec = {"step": step, "loss": loss_value, "lr": learning_rate * lr_factor, "grad_norm": norm_value,
-               "param_norm": param_norm(raw_model), "tokens_per_sec": tps, "mfu": mfu(tps)}
+               "param_norm": param_norm(raw_model), "tokens_per_sec": tps, "mfu": mfu(tps), "epoch": loader.epoch}
         eta = (now - run_start) / (step - start_step) * (max_iters - step)  # evals and checkpoints included
         log.print(f"step {step}/{max_iters}: loss {loss_value:.4f}, lr {rec['lr']:.2e}, grad norm {norm_value:.3f}, "
-                  f"param norm {rec['param_norm']:.1f}, {tps:,.0f} tok/s, "
+                  f"param norm {rec['param_norm']:.1f}, epoch {rec['epoch']:.3f}, {tps:,.0f} tok/s, "
                   f"{1000 * (now - time_since) / (step - logged_step):.0f} ms/step"
                   + (f", MFU {rec['mfu']:.1%}" if peak_flops else "")  # no peak known (CPU, MPS): no MFU
                   + f" | {duration(now - run_start)} elapsed, ETA {duration(eta)}")

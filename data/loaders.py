@@ -15,7 +15,7 @@ import torch
 
 from data import UserError
 from data.shards import HEADER_BYTES, list_shards, read_examples, read_header
-from data.tokenizer import EOT, reply_mask
+from data.tokenizer import EOT, VOCAB_SIZE, reply_mask
 
 
 def _to_device(buf, device):
@@ -63,88 +63,211 @@ class ShardReader:
             self.read(shard, pos - self.starts[shard], out[filled : filled + n])
             pos, filled = pos + n, filled + n
 
+    def check_ids(self, buf, starts):
+        """Refuse ids >= VOCAB_SIZE, which the model cannot embed: a flipped byte or a shard from another
+        tokenizer. `buf` holds rows of tokens; row i starts at global token starts[i] of the split."""
+        if buf.max() < VOCAB_SIZE:
+            return
+        row, col = np.argwhere(buf >= VOCAB_SIZE)[0]
+        pos = int(starts[row]) + int(col)
+        shard = int(np.searchsorted(self.starts, pos, side="right")) - 1
+        raise UserError(
+            f"{self.files[shard]}: token id {buf[row, col]} at token offset {pos - self.starts[shard]} is not below "
+            f"the vocab size {VOCAB_SIZE:,}, so the shard is corrupt or from another tokenizer; delete it and re-run "
+            f"the data prep (python data/fineweb_edu.py)"
+        )
+
+
+def _mix64(x):
+    """splitmix64's finaliser on a uint64 array: every output bit depends on every input bit."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+class SeededPermutation:
+    """A seeded bijection of [0, n) that maps any position on its own, in O(1) memory.
+
+    A Feistel network permutes [0, 2**bits), the smallest power of two that holds n: the
+    high and low bits of a number take turns being XORed with a keyed hash of the other
+    part, and XORing the same hash again undoes a round, so the whole is a bijection.
+    Cycle-walking (apply it again while the result is >= n) folds it into a bijection of
+    [0, n) in under 2 applications on average. The alternative, a stored permutation, is
+    80 MB of int64 per 10M windows (10B tokens at T=1024)."""
+
+    ROUNDS = 6
+
+    def __init__(self, n, key):
+        self.n = n
+        bits = max(2, (n - 1).bit_length())
+        self.lo_bits = np.uint64(bits // 2)
+        self.lo_mask, self.hi_mask = np.uint64((1 << bits // 2) - 1), np.uint64((1 << bits - bits // 2) - 1)
+        self.keys = np.random.default_rng(key).integers(0, 2**64, size=self.ROUNDS, dtype=np.uint64)
+
+    def _feistel(self, x):
+        hi, lo = x >> self.lo_bits, x & self.lo_mask
+        for i, key in enumerate(self.keys):
+            if i % 2:
+                lo ^= _mix64(hi ^ key) & self.lo_mask
+            else:
+                hi ^= _mix64(lo ^ key) & self.hi_mask
+        return (hi << self.lo_bits) | lo
+
+    def __call__(self, positions):
+        out = self._feistel(np.atleast_1d(np.asarray(positions, dtype=np.uint64)))
+        while (outside := out >= self.n).any():
+            out[outside] = self._feistel(out[outside])
+        return out.astype(np.int64)
+
 
 class BatchLoader:
     """Training micro-batches of B sequences of T tokens, reproducible from (seed, micro-batch index).
 
-    random (default): each micro-batch is B windows of T+1 tokens at uniformly random
-    offsets over all train tokens (a shard is picked in proportion to its length), so a
-    run never drifts through one long document or domain at a time.
+    shuffle (default): the train split cut into windows of T+1 tokens at stride T (every
+    start k*T of every shard; a shard's incomplete last window is dropped), handed out in a
+    seeded order: every window exactly once per epoch, a new order each epoch. Window
+    position p (micro-batch g holds p = g*B .. g*B+B-1) is window perm_epoch(p mod N), with
+    perm_epoch a SeededPermutation keyed by (seed, epoch), so no list of windows is stored.
+    random: B windows at uniformly random offsets over all train tokens, with replacement;
+    one epoch's worth of them leaves ~37% of the tokens unseen and shows ~26% twice or more.
     sequential: consecutive B*T+1 token spans of the concatenated shards, wrapping round.
 
-    Micro-batch g is drawn from its own generator seeded by (seed, g); rank r of W
-    takes g = r, r+W, r+2W, ... So ranks see disjoint streams, 2 ranks x 1 micro-step
-    see the same data as 1 rank x 2 micro-steps, and the whole state is one counter.
+    Rank r of W takes micro-batches g = r, r+W, r+2W, ... So ranks see disjoint windows,
+    2 ranks x 1 micro-step see the same data as 1 rank x 2 micro-steps, and the whole state
+    is one counter. Every batch is checked for ids >= VOCAB_SIZE, which the model cannot embed.
     """
 
+    MODES = ("shuffle", "random", "sequential")
+    CHUNK = 64  # shuffle: micro-batches whose windows are worked out together
+
     def __init__(self, data_dir, split, batch_size, block_size, seed=0, rank=0, world_size=1,
-                 mode="random", device="cpu"):
-        if mode not in ("random", "sequential"):
-            raise UserError(f"loader mode {mode!r}: use 'random' or 'sequential'")
+                 mode="shuffle", device="cpu"):
+        if mode not in self.MODES:
+            raise UserError(f"loader_mode={mode!r}: use 'shuffle', 'random' or 'sequential'")
         self.B, self.T, self.seed, self.mode = batch_size, block_size, seed, mode
         self.rank, self.world_size, self.device = rank, world_size, device
         self.reader = ShardReader(data_dir, split, min_tokens=batch_size * block_size + 1)
-        # a window of T+1 tokens can start at offsets 0..n-T-1 of a shard of n tokens
-        self.window_starts = np.maximum(self.reader.sizes - block_size, 0)
-        if self.window_starts.sum() == 0:
+        # shuffle: windows at stride T; their number also defines an epoch in every mode
+        self.shard_windows = np.maximum(self.reader.sizes - 1, 0) // block_size
+        self.cum_windows = np.cumsum(self.shard_windows)
+        self.n_windows = int(self.cum_windows[-1])
+        if self.n_windows == 0:
             raise UserError(f"every {split} shard in {data_dir} is shorter than block_size+1 = {block_size + 1} tokens")
+        # random: a window of T+1 tokens can start at offsets 0..n-T-1 of a shard of n tokens
+        self.window_starts = np.maximum(self.reader.sizes - block_size, 0)
         self.cum_starts = np.cumsum(self.window_starts)
         self.position = 0  # micro-batches handed out so far, all ranks together
+        self._chunk = 0, np.empty((0, batch_size), dtype=np.int64)
+
+    @property
+    def epoch(self):
+        """Windows handed out so far (all ranks) over the train windows at stride T."""
+        return self.position * self.B / self.n_windows
+
+    def shuffled(self, positions):
+        """shuffle: the window at each window position p, perm_epoch(p mod N) with epoch = p // N."""
+        epochs = positions // self.n_windows
+        picks = np.empty(len(positions), dtype=np.int64)
+        for epoch in np.unique(epochs):
+            inside = epochs == epoch
+            perm = SeededPermutation(self.n_windows, [self.seed, int(epoch)])
+            picks[inside] = perm(positions[inside] % self.n_windows)
+        return picks
+
+    def windows(self, index):
+        """(shard, token offset) of each of micro-batch `index`'s B windows (shuffle and random modes)."""
+        if self.mode == "random":
+            rng = np.random.default_rng([self.seed, index])
+            picks = rng.integers(0, self.cum_starts[-1], size=self.B)
+            shards = np.searchsorted(self.cum_starts, picks, side="right")
+            return shards, picks - (self.cum_starts[shards] - self.window_starts[shards])
+        # numpy's per-call overhead dwarfs the arithmetic on B numbers, so work out this rank's next
+        # CHUNK micro-batches at once; the cache is a pure function of `index`, not state
+        first, picks = self._chunk
+        k, r = divmod(index - first, self.world_size)
+        if r or not 0 <= k < len(picks):
+            indices = index + self.world_size * np.arange(self.CHUNK)
+            picks = self.shuffled((indices[:, None] * self.B + np.arange(self.B)).ravel()).reshape(self.CHUNK, self.B)
+            self._chunk, k = (index, picks), 0
+        shards = np.searchsorted(self.cum_windows, picks[k], side="right")
+        return shards, (picks[k] - (self.cum_windows[shards] - self.shard_windows[shards])) * self.T
 
     def next_batch(self):
         index = self.position + self.rank
         self.position += self.world_size
         buf = np.empty((self.B, self.T + 1), dtype=np.uint16)
-        if self.mode == "random":
-            rng = np.random.default_rng([self.seed, index])
-            picks = rng.integers(0, self.cum_starts[-1], size=self.B)
-            shards = np.searchsorted(self.cum_starts, picks, side="right")
-            offsets = picks - (self.cum_starts[shards] - self.window_starts[shards])
-            for row, (shard, offset) in enumerate(zip(shards, offsets, strict=True)):
-                self.reader.read(int(shard), offset, buf[row])
-        else:
+        if self.mode == "sequential":
             span = np.empty(self.B * self.T + 1, dtype=np.uint16)
             total = int(self.reader.starts[-1])
             start = (index * self.B * self.T) % (total - self.B * self.T)
             self.reader.read_span(start, span)
+            self.reader.check_ids(span[None], [start])
             buf[:, :-1] = span[:-1].reshape(self.B, self.T)
             buf[:, -1] = span[self.T :: self.T]
+        else:
+            shards, offsets = self.windows(index)
+            for row, (shard, offset) in enumerate(zip(shards, offsets, strict=True)):
+                self.reader.read(int(shard), offset, buf[row])
+            self.reader.check_ids(buf, self.reader.starts[shards] + offsets)
         return _to_device(buf, self.device)
 
     def state_dict(self):
-        return {"position": self.position, "seed": self.seed, "mode": self.mode}
+        return {"position": self.position, "seed": self.seed, "mode": self.mode, "batch_size": self.B,
+                "windows": self.n_windows}
 
     def load_state_dict(self, state):
         if (state["seed"], state["mode"]) != (self.seed, self.mode):
             raise UserError(
-                f"the checkpoint's loader used seed={state['seed']} mode={state['mode']}, this run "
-                f"seed={self.seed} mode={self.mode}; resume with the same settings"
+                f"the checkpoint's loader used seed={state['seed']} loader_mode={state['mode']}, this run "
+                f"seed={self.seed} loader_mode={self.mode}; resume with the same seed and loader_mode"
             )
-        if state["position"] % self.world_size:
-            raise UserError(f"cannot resume loader position {state['position']} with {self.world_size} ranks")
-        self.position = state["position"]
+        windows = state.get("windows", self.n_windows)  # checkpoints from before shuffle lack the last two
+        if windows != self.n_windows:
+            raise UserError(
+                f"the checkpoint's loader ran over {windows:,} train windows of T+1 tokens, this run over "
+                f"{self.n_windows:,}: data_dir or block_size changed; resume with the same data and block_size"
+            )
+        # the position counts micro-batches; a resume with another batch_size continues at the same window
+        done = state["position"] * state.get("batch_size", self.B)
+        if done % (self.B * self.world_size):
+            raise UserError(
+                f"the checkpoint's loader handed out {done:,} windows, not a whole number of micro-batches of "
+                f"batch_size={self.B} on {self.world_size} rank(s); resume with the checkpoint's batch_size"
+            )
+        self.position = done // self.B
 
 
 class ValData:
-    """The first `val_tokens` tokens of the val split as fixed (B, T) batches: the same
-    tokens at every evaluation. Rank r of W evaluates batches r, r+W, ..."""
+    """The fixed val set: val_tokens worth of windows of T+1 tokens spread evenly over the whole
+    val split (its windows at stride T, then every k-th of them), as (B, T) batches: the same tokens
+    at every evaluation, whatever the seed. Spread, not the first val_tokens tokens: with local
+    sources read in order, the split's start is one source only. Rank r of W evaluates batches r, r+W, ..."""
 
     def __init__(self, data_dir, batch_size, block_size, val_tokens, rank=0, world_size=1, device="cpu"):
         reader = ShardReader(data_dir, "val", min_tokens=batch_size * block_size + 1)
-        per_batch = batch_size * block_size
-        available = int(reader.starts[-1]) - 1
-        n_batches = max(1, min(val_tokens, available) // per_batch)
-        span = np.empty(n_batches * per_batch + 1, dtype=np.uint16)
-        reader.read_span(0, span)
-        self.batches = [span[i * per_batch : (i + 1) * per_batch + 1] for i in range(n_batches)][rank::world_size]
-        self.B, self.T, self.device = batch_size, block_size, device
-        self.tokens = n_batches * per_batch
+        shard_windows = np.maximum(reader.sizes - 1, 0) // block_size
+        cum_windows = np.cumsum(shard_windows)
+        total = int(cum_windows[-1])
+        if total < batch_size:
+            raise UserError(
+                f"the val shards in {data_dir} hold {total} windows of block_size+1 = {block_size + 1} tokens, fewer "
+                f"than one batch of {batch_size}; lower batch_size/block_size or prepare more val data"
+            )
+        n_batches = max(1, min(val_tokens // (batch_size * block_size), total // batch_size))
+        n = n_batches * batch_size
+        picks = np.arange(n) * total // n  # evenly spaced, the first at the split's start
+        shards = np.searchsorted(cum_windows, picks, side="right")
+        offsets = (picks - (cum_windows[shards] - shard_windows[shards])) * block_size
+        buf = np.empty((n, block_size + 1), dtype=np.uint16)
+        for row, (shard, offset) in enumerate(zip(shards, offsets, strict=True)):
+            reader.read(int(shard), offset, buf[row])
+        reader.check_ids(buf, reader.starts[shards] + offsets)
+        self.batches = list(buf.reshape(n_batches, batch_size, block_size + 1))[rank::world_size]
+        self.device = device
+        self.tokens = n * block_size
 
     def __iter__(self):
-        for span in self.batches:
-            buf = np.empty((self.B, self.T + 1), dtype=np.uint16)
-            buf[:, :-1] = span[:-1].reshape(self.B, self.T)
-            buf[:, -1] = span[self.T :: self.T]
+        for buf in self.batches:
             yield _to_device(buf, self.device)
 
 
