@@ -1,8 +1,14 @@
 """The tests import the stage scripts' modules from the repo root, run offline, and read only what
 ships in the repo (data/gpt2.tiktoken, data/samples/): never ../shared and never the network."""
 
+import os
 import sys
 from pathlib import Path
+
+# The tests' models are tiny: one thread runs them faster than two that fight each other and the
+# subprocesses (training runs, torchrun ranks) for CI's 2 cores. Set before torch is imported;
+# the subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
