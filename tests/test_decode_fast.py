@@ -25,15 +25,6 @@ GPT, GPTConfig, KVCache = NS["GPT"], NS["GPTConfig"], NS["KVCache"]
 TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny ops on a busy 2-core machine: a second thread costs more in waiting than it gives."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(arch, seed=0):
     torch.manual_seed(seed)
     extra = dict(qk_norm=True, logit_softcap=15.0) if arch == "llama" else {}

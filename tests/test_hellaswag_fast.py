@@ -20,15 +20,6 @@ ROWS = REPO_ROOT / "data/samples/hellaswag_val_200.jsonl"
 BLOCK_SIZE = 64  # shorter than some rows: their contexts lose their heads
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny ops on a busy 2-core machine: a second thread costs more in waiting than it gives."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def examples():
     return hellaswag.load_hellaswag(ROWS)
