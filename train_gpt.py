@@ -451,7 +451,8 @@ def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 check_settings(config, positive=("n_layer", "n_head", "n_embd", "block_size", "batch_size", "total_batch_size",
                                  "max_iters", "log_interval", "eval_interval", "checkpoint_interval", "val_tokens"),
                non_negative=("learning_rate", "muon_lr", "weight_decay", "muon_weight_decay", "warmup_iters",
-                             "lr_decay_iters", "grad_clip", "hellaswag_interval", "sample_interval", "keep_last"),
+                             "lr_decay_iters", "grad_clip", "hellaswag_interval", "hellaswag_limit", "sample_interval",
+                             "keep_last"),
                choices=dict(arch=("gpt2", "llama"), optimizer=("muon", "adamw"), lr_schedule=("cosine", "wsd"),
                             loader_mode=("shuffle", "random", "sequential")))
 if n_embd % n_head:

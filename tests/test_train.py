@@ -386,3 +386,11 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_the_good_one(tmp
         save_checkpoint({"step": 2}, tmp_path, 2)
     assert "\n" not in str(e.value)
     assert (tmp_path / "ckpt.pt").read_bytes() == good and not (tmp_path / "ckpt.pt.tmp").exists()
+
+
+def test_a_missing_hellaswag_file_is_said_once_with_the_command_that_fetches_it(tmp_path):
+    out = tmp_path / "run"
+    train(out, "--max_iters=2", "--hellaswag_interval=1", f"--hellaswag_file={tmp_path / 'none.jsonl'}")
+    log = (out / "log.txt").read_text()
+    assert log.count("not found") == 1 and "python eval_hellaswag.py --download_only" in log
+    assert not any("hellaswag" in r for r in metrics(out))
