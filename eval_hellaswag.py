@@ -239,26 +239,38 @@ class GPT(nn.Module):
         n -= self.transformer.wpe.weight.numel() if c.arch == "gpt2" else self.transformer.wte.weight.numel()
         return 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
 
-    def configure_optimizers(self, optimizer, learning_rate, weight_decay, muon_lr, muon_momentum,
-                             muon_weight_decay, betas):
-        """optimizer="muon": torch.optim.Muon for the 2-D matrices inside the blocks, AdamW for the
-        embeddings, head, norms and biases. optimizer="adamw": AdamW for everything (the baseline).
-        Weight decay only ever touches matrices and embeddings, never gains or biases."""
+    def configure_optimizers(self, s):
+        """The optimizers of settings s (train_gpt.py's names). optimizer="adamw": nanoGPT's recipe, AdamW
+        at learning_rate (betas beta1, beta2) for every parameter, weight_decay on matrices and embeddings.
+        optimizer="muon": torch.optim.Muon (muon_lr, muon_momentum, muon_weight_decay) for the 2-D matrices
+        inside the blocks, and AdamW (adam_beta1, adam_beta2, adam_eps) for the rest, in three groups at
+        their own peaks: the embeddings (llama's token embedding, gpt2's positions) at embedding_lr, the
+        head (the unembedding; gpt2's tied wte is the head) at head_lr, both with adam_weight_decay, and
+        the gains and biases at scalar_lr. embedding_lr and head_lr are tuned at n_embd = lr_ref_width:
+        other widths scale them by sqrt(lr_ref_width / n_embd) (nanochat's rule; 0 = no scaling). Muon's
+        update is orthogonalised, the same size at every width; torch.optim.Muon scales each matrix's
+        rate by sqrt(max(1, rows/cols)) itself."""
         fused = next(self.parameters()).device.type == "cuda"
         params = dict(self.named_parameters())  # a tied head appears once, as transformer.wte.weight
-        hidden = [p for n, p in params.items() if n.startswith("transformer.h.") and p.dim() == 2]
-        others = [p for n, p in params.items() if not (n.startswith("transformer.h.") and p.dim() == 2)]
-        if optimizer == "adamw":
+        if s["optimizer"] == "adamw":
             decay = [p for p in params.values() if p.dim() >= 2]
             no_decay = [p for p in params.values() if p.dim() < 2]
-            groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
-            return [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)]
-        if optimizer == "muon":
-            groups = [dict(params=[p for p in others if p.dim() >= 2], weight_decay=weight_decay),
-                      dict(params=[p for p in others if p.dim() < 2], weight_decay=0.0)]
-            return [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused),
-                    torch.optim.Muon(hidden, lr=muon_lr, momentum=muon_momentum, weight_decay=muon_weight_decay)]
-        raise UserError(f"optimizer={optimizer!r}: use 'muon' or 'adamw'")
+            groups = [dict(params=decay, weight_decay=s["weight_decay"]), dict(params=no_decay, weight_decay=0.0)]
+            return [torch.optim.AdamW(groups, lr=s["learning_rate"], betas=(s["beta1"], s["beta2"]), fused=fused)]
+        if s["optimizer"] != "muon":
+            raise UserError(f"optimizer={s['optimizer']!r}: use 'muon' or 'adamw'")
+        hidden = [p for n, p in params.items() if n.startswith("transformer.h.") and p.dim() == 2]
+        head = "lm_head.weight" if "lm_head.weight" in params else "transformer.wte.weight"
+        embeddings = [p for n, p in params.items() if n in ("transformer.wte.weight", "transformer.wpe.weight")
+                      and n != head]
+        scalars = [p for p in params.values() if p.dim() < 2]
+        width = (s["lr_ref_width"] / self.config.n_embd) ** 0.5 if s["lr_ref_width"] else 1.0
+        groups = [dict(params=embeddings, lr=s["embedding_lr"] * width, weight_decay=s["adam_weight_decay"]),
+                  dict(params=[params[head]], lr=s["head_lr"] * width, weight_decay=s["adam_weight_decay"]),
+                  dict(params=scalars, lr=s["scalar_lr"], weight_decay=0.0)]
+        return [torch.optim.AdamW(groups, betas=(s["adam_beta1"], s["adam_beta2"]), eps=s["adam_eps"], fused=fused),
+                torch.optim.Muon(hidden, lr=s["muon_lr"], momentum=s["muon_momentum"],
+                                 weight_decay=s["muon_weight_decay"])]
 
     def decode_step(self, token, cache):
         """The logits (B, vocab) after one more token (B, 1) through the cached model. Its shapes never

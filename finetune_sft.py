@@ -31,12 +31,15 @@ import torch.nn.functional as F
 
 from data import UserError, one_line_errors
 from data.checkpoint import (
+    OPTIMIZER_SETTINGS,
+    RATES,
     check_resumable,
     load_checkpoint,
     resolve_checkpoint,
     rng_states,
     save_checkpoint,
     set_rng_states,
+    upgrade_optimizer_states,
 )
 from data.hellaswag import hellaswag_score, load_hellaswag
 from data.loaders import ExampleLoader
@@ -65,15 +68,8 @@ data_dir = "data/sft"  # train_* and val_* examples from data/sft_mix.py
 batch_size = 16  # micro-batch, in examples
 gradient_accumulation_steps = 4  # micro-batches per optimizer step, all ranks together
 val_examples = 2000  # val loss over the first N val examples, the same ones at every eval; 0 = all
-# optimizer: a fresh state, with peaks a tenth of pretraining's (FGPT fine-tuned at 1e-7: far too small to move a model)
-optimizer = "muon"  # "muon": Muon for block matrices + AdamW for the rest; "adamw": AdamW for all
-learning_rate = 6e-5  # AdamW: embeddings, head, norms, biases (muon) or every parameter (adamw)
-weight_decay = 0.0  # AdamW, on matrices and embeddings only; none, as in Stanford Alpaca's fine-tune
-beta1 = 0.9
-beta2 = 0.95
-muon_lr = 0.002  # torch.optim.Muon, for the block matrices
-muon_momentum = 0.95
-muon_weight_decay = 0.0
+# optimizer: pretraining's (its groups, betas, weight decay: the base checkpoint's settings), a fresh state
+lr_scale = 0.1  # every peak rate is the base run's x lr_scale (FGPT fine-tuned at 1e-7: far too small to move a model)
 max_iters = 3000  # optimizer steps: 3000 x 64 examples = 192k examples
 warmup_iters = 100  # linear warmup steps
 lr_decay_iters = 0  # step where the linear decay ends; 0 = max_iters (set it to resume into a longer run exactly)
@@ -105,12 +101,20 @@ config = parse_settings(globals(), sys.argv[1:])
 globals().update(config)
 
 
-def get_lr_factor(step, warmup_iters=warmup_iters, end=lr_decay_iters or max_iters, min_lr_frac=min_lr_frac):
-    """The learning rate at `step` as a fraction of its peak: linear warmup, then a straight line down to
-    min_lr_frac at `end`. A fine-tune is short; a cosine's long flat top buys it nothing."""
-    if step < warmup_iters:
-        return (step + 1) / warmup_iters
-    return 1 - (1 - min_lr_frac) * min(1.0, (step - warmup_iters) / max(1, end - warmup_iters))
+def lr_factor(step, c):
+    """The learning rate at `step` as a fraction of its peak, under the schedule of settings c (this run's,
+    or a checkpoint's): linear warmup, then a straight line down to min_lr_frac at the end (lr_decay_iters
+    or max_iters). A fine-tune is short; a cosine's long flat top buys it nothing."""
+    end = c["lr_decay_iters"] or c["max_iters"]
+    if step < c["warmup_iters"]:
+        return (step + 1) / c["warmup_iters"]
+    return 1 - (1 - c["min_lr_frac"]) * min(1.0, (step - c["warmup_iters"]) / max(1, end - c["warmup_iters"]))
+
+
+def muon_momentum_at(step, c):
+    """Muon's momentum at `step`: from 0.85 up to muon_momentum over muon_momentum_warmup steps."""
+    frac = min(1.0, step / c["muon_momentum_warmup"]) if c["muon_momentum_warmup"] else 1.0
+    return (1 - frac) * 0.85 + frac * c["muon_momentum"]
 
 
 # ----------------------------------------------------------------------------- model
@@ -302,26 +306,38 @@ class GPT(nn.Module):
         n -= self.transformer.wpe.weight.numel() if c.arch == "gpt2" else self.transformer.wte.weight.numel()
         return 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
 
-    def configure_optimizers(self, optimizer, learning_rate, weight_decay, muon_lr, muon_momentum,
-                             muon_weight_decay, betas):
-        """optimizer="muon": torch.optim.Muon for the 2-D matrices inside the blocks, AdamW for the
-        embeddings, head, norms and biases. optimizer="adamw": AdamW for everything (the baseline).
-        Weight decay only ever touches matrices and embeddings, never gains or biases."""
+    def configure_optimizers(self, s):
+        """The optimizers of settings s (train_gpt.py's names). optimizer="adamw": nanoGPT's recipe, AdamW
+        at learning_rate (betas beta1, beta2) for every parameter, weight_decay on matrices and embeddings.
+        optimizer="muon": torch.optim.Muon (muon_lr, muon_momentum, muon_weight_decay) for the 2-D matrices
+        inside the blocks, and AdamW (adam_beta1, adam_beta2, adam_eps) for the rest, in three groups at
+        their own peaks: the embeddings (llama's token embedding, gpt2's positions) at embedding_lr, the
+        head (the unembedding; gpt2's tied wte is the head) at head_lr, both with adam_weight_decay, and
+        the gains and biases at scalar_lr. embedding_lr and head_lr are tuned at n_embd = lr_ref_width:
+        other widths scale them by sqrt(lr_ref_width / n_embd) (nanochat's rule; 0 = no scaling). Muon's
+        update is orthogonalised, the same size at every width; torch.optim.Muon scales each matrix's
+        rate by sqrt(max(1, rows/cols)) itself."""
         fused = next(self.parameters()).device.type == "cuda"
         params = dict(self.named_parameters())  # a tied head appears once, as transformer.wte.weight
-        hidden = [p for n, p in params.items() if n.startswith("transformer.h.") and p.dim() == 2]
-        others = [p for n, p in params.items() if not (n.startswith("transformer.h.") and p.dim() == 2)]
-        if optimizer == "adamw":
+        if s["optimizer"] == "adamw":
             decay = [p for p in params.values() if p.dim() >= 2]
             no_decay = [p for p in params.values() if p.dim() < 2]
-            groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
-            return [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)]
-        if optimizer == "muon":
-            groups = [dict(params=[p for p in others if p.dim() >= 2], weight_decay=weight_decay),
-                      dict(params=[p for p in others if p.dim() < 2], weight_decay=0.0)]
-            return [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused),
-                    torch.optim.Muon(hidden, lr=muon_lr, momentum=muon_momentum, weight_decay=muon_weight_decay)]
-        raise UserError(f"optimizer={optimizer!r}: use 'muon' or 'adamw'")
+            groups = [dict(params=decay, weight_decay=s["weight_decay"]), dict(params=no_decay, weight_decay=0.0)]
+            return [torch.optim.AdamW(groups, lr=s["learning_rate"], betas=(s["beta1"], s["beta2"]), fused=fused)]
+        if s["optimizer"] != "muon":
+            raise UserError(f"optimizer={s['optimizer']!r}: use 'muon' or 'adamw'")
+        hidden = [p for n, p in params.items() if n.startswith("transformer.h.") and p.dim() == 2]
+        head = "lm_head.weight" if "lm_head.weight" in params else "transformer.wte.weight"
+        embeddings = [p for n, p in params.items() if n in ("transformer.wte.weight", "transformer.wpe.weight")
+                      and n != head]
+        scalars = [p for p in params.values() if p.dim() < 2]
+        width = (s["lr_ref_width"] / self.config.n_embd) ** 0.5 if s["lr_ref_width"] else 1.0
+        groups = [dict(params=embeddings, lr=s["embedding_lr"] * width, weight_decay=s["adam_weight_decay"]),
+                  dict(params=[params[head]], lr=s["head_lr"] * width, weight_decay=s["adam_weight_decay"]),
+                  dict(params=scalars, lr=s["scalar_lr"], weight_decay=0.0)]
+        return [torch.optim.AdamW(groups, betas=(s["adam_beta1"], s["adam_beta2"]), eps=s["adam_eps"], fused=fused),
+                torch.optim.Muon(hidden, lr=s["muon_lr"], momentum=s["muon_momentum"],
+                                 weight_decay=s["muon_weight_decay"])]
 
     def decode_step(self, token, cache):
         """The logits (B, vocab) after one more token (B, 1) through the cached model. Its shapes never
@@ -438,10 +454,8 @@ def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 # Every setting is checked before anything is written, so a refused run leaves no out_dir behind.
 check_settings(config, positive=("batch_size", "gradient_accumulation_steps", "max_iters", "log_interval",
                                  "eval_interval", "checkpoint_interval", "sample_tokens"),
-               non_negative=("block_size", "val_examples", "learning_rate", "muon_lr", "weight_decay",
-                             "muon_weight_decay", "warmup_iters", "lr_decay_iters", "grad_clip", "sample_interval",
-                             "keep_last", "hellaswag_limit"),
-               choices=dict(optimizer=("muon", "adamw")))
+               non_negative=("block_size", "val_examples", "lr_scale", "warmup_iters", "lr_decay_iters", "grad_clip",
+                             "sample_interval", "keep_last", "hellaswag_limit"))
 if not init_from:
     raise UserError("no base model: pass --init_from=PATH (a train_gpt.py checkpoint or run dir) or --init_from=resume")
 ddp, rank, world_size, device = init_distributed(device)
@@ -497,8 +511,15 @@ model.to(device)
 #   compiled   torch.compile's wrapper (CUDA): the fast forward for training and val loss
 #   model      compiled, wrapped in DDP under torchrun: the training forward, which all-reduces gradients
 raw_model = model
-optimizers = raw_model.configure_optimizers(optimizer, learning_rate, weight_decay, muon_lr, muon_momentum,
-                                            muon_weight_decay, (beta1, beta2))  # a fresh state: not pretraining's
+# The recipe: a new fine-tune takes the base run's optimizer settings and keeps them in its own (config.json,
+# the checkpoint), where a resumed one finds them. The rates are theirs x lr_scale.
+recipe = checkpoint["config"]
+missing = [k for k in OPTIMIZER_SETTINGS if k not in recipe]
+if missing:
+    raise UserError(f"{ckpt_path}: its settings lack {', '.join(missing[:3])}, so its optimizer recipe is unknown; "
+                    "fine-tune a checkpoint written by train_gpt.py")
+config.update({k: recipe[k] for k in OPTIMIZER_SETTINGS})
+optimizers = raw_model.configure_optimizers({**config, **{k: config[k] * lr_scale for k in RATES}})
 base_lrs = [[group["lr"] for group in opt.param_groups] for opt in optimizers]  # this run's peaks, scaled each step
 if compile and device_type == "cuda":
     model = torch.compile(model)  # lengths vary by batch: after one recompile it treats them as dynamic
@@ -509,7 +530,7 @@ if ddp:
 step, best_val_loss, evals_done_at = 0, float("inf"), -1
 if resume:
     # Resume: the optimizer moments, the loader's position and every RNG continue where the run stopped.
-    for opt, state in zip(optimizers, checkpoint["optimizers"], strict=True):
+    for opt, state in zip(optimizers, upgrade_optimizer_states(checkpoint, raw_model, optimizers), strict=True):
         opt.load_state_dict(state)
     loader.load_state_dict(checkpoint["loader"])
     set_rng_states(checkpoint["rng"])
@@ -527,13 +548,11 @@ log.print(f"model: {n_params / 1e6:.1f}M parameters from {ckpt_path} | device {d
 log.print(f"data: {data_dir}, {loader.n:,} train examples ({len(loader.tokens):,} tokens), {n_val:,} of "
           f"{val_loader.n:,} val examples scored" + (f"; resumed at step {step}" if resume else ""))
 if resume:  # a changed schedule setting moves the learning rate under a resumed run's feet
-    was = saved["learning_rate"] * get_lr_factor(step, saved["warmup_iters"],
-                                                 saved["lr_decay_iters"] or saved["max_iters"], saved["min_lr_frac"])
-    if not math.isclose(was, learning_rate * get_lr_factor(step)):
-        changed = changed_settings(saved, config, ("learning_rate", "max_iters", "warmup_iters", "lr_decay_iters",
-                                                   "min_lr_frac"))
-        log.print(f"warning: {', '.join(changed)} moves the learning rate at step {step} from {was:.2e} to "
-                  f"{learning_rate * get_lr_factor(step):.2e}")
+    was, now = lr_factor(step, saved), lr_factor(step, config)
+    if not math.isclose(was, now):
+        changed = changed_settings(saved, config, ("max_iters", "warmup_iters", "lr_decay_iters", "min_lr_frac"))
+        log.print(f"warning: {', '.join(changed)} moves the learning rate at step {step} (the schedule's factor "
+                  f"{was:.3f} -> {now:.3f})")
 
 
 @torch.no_grad()
@@ -622,10 +641,12 @@ while True:
     # One optimizer step. The loss is the mean over every reply token of the step (all micro-batches
     # and ranks), so each token weighs the same wherever it lands; a mean of per-micro-batch means
     # would weigh a token in a short batch more.
-    lr_factor = get_lr_factor(step)
+    lr_now = lr_factor(step, config)
     for opt, lrs in zip(optimizers, base_lrs, strict=True):
         for group, lr in zip(opt.param_groups, lrs, strict=True):
-            group["lr"] = lr * lr_factor
+            group["lr"] = lr * lr_now
+            if isinstance(opt, torch.optim.Muon):
+                group["momentum"] = muon_momentum_at(step, config)
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     batches = [loader.next_batch() for _ in range(grad_accum)]
@@ -659,7 +680,7 @@ while True:
     if step % log_interval == 0 or step == max_iters:
         now = time.perf_counter()
         dt = now - time_since
-        rec = {"step": step, "loss": loss_value, "lr": learning_rate * lr_factor, "grad_norm": norm_value,
+        rec = {"step": step, "loss": loss_value, "lr": base_lrs[-1][0] * lr_now, "grad_norm": norm_value,
                "param_norm": param_norm(raw_model), "tokens_per_sec": tokens_since / dt}
         eta = (now - run_start) / (step - start_step) * (max_iters - step)  # evals and checkpoints included
         log.print(f"step {step}/{max_iters}: loss {loss_value:.4f}, lr {rec['lr']:.2e}, grad norm {norm_value:.3f}, "

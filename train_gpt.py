@@ -25,7 +25,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import UserError, one_line_errors
-from data.checkpoint import check_resumable, load_checkpoint, rng_states, save_checkpoint, set_rng_states
+from data.checkpoint import (
+    check_resumable,
+    load_checkpoint,
+    rng_states,
+    save_checkpoint,
+    set_rng_states,
+    upgrade_optimizer_states,
+)
 from data.hellaswag import hellaswag_score, load_hellaswag
 from data.loaders import BatchLoader, ValData
 from data.run import (
@@ -61,15 +68,24 @@ loader_mode = "shuffle"  # every train window once per epoch in a seeded order; 
 batch_size = 32  # micro-batch, in sequences; 32 x 1024 fits a 40 GB GPU at 124M, 64 fits 80 GB
 total_batch_size = 524288  # tokens per optimizer step: 2**19 ~ 0.5M, GPT-3 small's batch
 val_tokens = 10485760  # fixed val set: 20 * 2**19 tokens, the same ones at every eval
-# optimizer
-optimizer = "muon"  # "muon": Muon for block matrices + AdamW for the rest; "adamw": AdamW for all
-learning_rate = 6e-4  # AdamW: every parameter (adamw), or embeddings, head, norms, biases (muon)
-weight_decay = 0.1  # AdamW, on matrices and embeddings only
-beta1 = 0.9
-beta2 = 0.95
-muon_lr = 0.02  # torch.optim.Muon, scaled per matrix by sqrt(max(1, rows/cols)) (Keller Jordan's rule)
-muon_momentum = 0.95
+# optimizer: peak learning rates per group (the schedule below scales them all alike)
+optimizer = "muon"  # "muon": Muon for the block matrices, AdamW per group for the rest; "adamw": nanoGPT's recipe
+muon_lr = 0.02  # block matrices; torch.optim.Muon scales each by sqrt(max(1, rows/cols)) (Keller Jordan's rule)
+muon_momentum = 0.95  # Muon's Nesterov momentum
+muon_momentum_warmup = 300  # steps over which the momentum rises from 0.85 to muon_momentum (modded-nanogpt); 0 = off
 muon_weight_decay = 0.0
+embedding_lr = 0.3  # AdamW: the token embedding (llama) or the position embedding (gpt2)
+head_lr = 0.004  # AdamW: the unembedding; gpt2's head is tied to the token embedding, which so gets this rate too
+scalar_lr = 0.01  # AdamW: norm gains and biases
+lr_ref_width = 768  # embedding_lr and head_lr suit n_embd=768; width W gets them x sqrt(768 / W) (nanochat); 0 = off
+adam_beta1 = 0.8  # AdamW's betas and eps in muon mode (nanochat's and modded-nanogpt's)
+adam_beta2 = 0.95
+adam_eps = 1e-10
+adam_weight_decay = 0.0  # on the embeddings and head; never on gains or biases
+learning_rate = 6e-4  # optimizer="adamw" only: every parameter (nanoGPT's recipe, with the next three)
+weight_decay = 0.1  # optimizer="adamw" only: on matrices and embeddings
+beta1 = 0.9  # optimizer="adamw" only
+beta2 = 0.95  # optimizer="adamw" only
 max_iters = 19073  # optimizer steps: 10B tokens / 2**19 = one pass over FineWeb-Edu sample-10BT
 warmup_iters = 700  # linear warmup steps
 lr_schedule = "cosine"  # "cosine" to min_lr_frac, or "wsd" (warmup-stable-decay, a trapezoid)
@@ -111,18 +127,25 @@ PEAK_FLOPS = {  # dense bf16 tensor-core FLOP/s by GPU name; the first match win
 }
 
 
-def get_lr_factor(step, warmup_iters=warmup_iters, end=lr_decay_iters or max_iters, schedule=lr_schedule,
-                  min_lr_frac=min_lr_frac, decay_frac=decay_frac):
-    """The learning rate at `step` as a fraction of its peak: linear warmup over warmup_iters, then a
-    cosine down to min_lr_frac at `end`, or warmup-stable-decay ("wsd": flat, then linear down to
-    min_lr_frac over the last decay_frac of the run)."""
-    if step < warmup_iters:
-        return (step + 1) / warmup_iters
-    if schedule == "wsd":
-        decay_start = end * (1 - decay_frac)
-        return 1 - (1 - min_lr_frac) * min(1.0, max(0.0, step - decay_start) / max(1, end - decay_start))
-    progress = min(1.0, (step - warmup_iters) / max(1, end - warmup_iters))
-    return min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+def lr_factor(step, c):
+    """The learning rate at `step` as a fraction of its peak, under the schedule of settings c (this run's,
+    or a checkpoint's): linear warmup over warmup_iters, then a cosine down to min_lr_frac at the end
+    (lr_decay_iters or max_iters), or warmup-stable-decay ("wsd": flat, then linear down to min_lr_frac
+    over the last decay_frac of the run)."""
+    end = c["lr_decay_iters"] or c["max_iters"]
+    if step < c["warmup_iters"]:
+        return (step + 1) / c["warmup_iters"]
+    if c["lr_schedule"] == "wsd":
+        decay_start = end * (1 - c["decay_frac"])
+        return 1 - (1 - c["min_lr_frac"]) * min(1.0, max(0.0, step - decay_start) / max(1, end - decay_start))
+    progress = min(1.0, (step - c["warmup_iters"]) / max(1, end - c["warmup_iters"]))
+    return c["min_lr_frac"] + (1 - c["min_lr_frac"]) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def muon_momentum_at(step, c):
+    """Muon's momentum at `step`: from 0.85 up to muon_momentum over muon_momentum_warmup steps."""
+    frac = min(1.0, step / c["muon_momentum_warmup"]) if c["muon_momentum_warmup"] else 1.0
+    return (1 - frac) * 0.85 + frac * c["muon_momentum"]
 
 
 # ----------------------------------------------------------------------------- model
@@ -314,26 +337,38 @@ class GPT(nn.Module):
         n -= self.transformer.wpe.weight.numel() if c.arch == "gpt2" else self.transformer.wte.weight.numel()
         return 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
 
-    def configure_optimizers(self, optimizer, learning_rate, weight_decay, muon_lr, muon_momentum,
-                             muon_weight_decay, betas):
-        """optimizer="muon": torch.optim.Muon for the 2-D matrices inside the blocks, AdamW for the
-        embeddings, head, norms and biases. optimizer="adamw": AdamW for everything (the baseline).
-        Weight decay only ever touches matrices and embeddings, never gains or biases."""
+    def configure_optimizers(self, s):
+        """The optimizers of settings s (train_gpt.py's names). optimizer="adamw": nanoGPT's recipe, AdamW
+        at learning_rate (betas beta1, beta2) for every parameter, weight_decay on matrices and embeddings.
+        optimizer="muon": torch.optim.Muon (muon_lr, muon_momentum, muon_weight_decay) for the 2-D matrices
+        inside the blocks, and AdamW (adam_beta1, adam_beta2, adam_eps) for the rest, in three groups at
+        their own peaks: the embeddings (llama's token embedding, gpt2's positions) at embedding_lr, the
+        head (the unembedding; gpt2's tied wte is the head) at head_lr, both with adam_weight_decay, and
+        the gains and biases at scalar_lr. embedding_lr and head_lr are tuned at n_embd = lr_ref_width:
+        other widths scale them by sqrt(lr_ref_width / n_embd) (nanochat's rule; 0 = no scaling). Muon's
+        update is orthogonalised, the same size at every width; torch.optim.Muon scales each matrix's
+        rate by sqrt(max(1, rows/cols)) itself."""
         fused = next(self.parameters()).device.type == "cuda"
         params = dict(self.named_parameters())  # a tied head appears once, as transformer.wte.weight
-        hidden = [p for n, p in params.items() if n.startswith("transformer.h.") and p.dim() == 2]
-        others = [p for n, p in params.items() if not (n.startswith("transformer.h.") and p.dim() == 2)]
-        if optimizer == "adamw":
+        if s["optimizer"] == "adamw":
             decay = [p for p in params.values() if p.dim() >= 2]
             no_decay = [p for p in params.values() if p.dim() < 2]
-            groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
-            return [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)]
-        if optimizer == "muon":
-            groups = [dict(params=[p for p in others if p.dim() >= 2], weight_decay=weight_decay),
-                      dict(params=[p for p in others if p.dim() < 2], weight_decay=0.0)]
-            return [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused),
-                    torch.optim.Muon(hidden, lr=muon_lr, momentum=muon_momentum, weight_decay=muon_weight_decay)]
-        raise UserError(f"optimizer={optimizer!r}: use 'muon' or 'adamw'")
+            groups = [dict(params=decay, weight_decay=s["weight_decay"]), dict(params=no_decay, weight_decay=0.0)]
+            return [torch.optim.AdamW(groups, lr=s["learning_rate"], betas=(s["beta1"], s["beta2"]), fused=fused)]
+        if s["optimizer"] != "muon":
+            raise UserError(f"optimizer={s['optimizer']!r}: use 'muon' or 'adamw'")
+        hidden = [p for n, p in params.items() if n.startswith("transformer.h.") and p.dim() == 2]
+        head = "lm_head.weight" if "lm_head.weight" in params else "transformer.wte.weight"
+        embeddings = [p for n, p in params.items() if n in ("transformer.wte.weight", "transformer.wpe.weight")
+                      and n != head]
+        scalars = [p for p in params.values() if p.dim() < 2]
+        width = (s["lr_ref_width"] / self.config.n_embd) ** 0.5 if s["lr_ref_width"] else 1.0
+        groups = [dict(params=embeddings, lr=s["embedding_lr"] * width, weight_decay=s["adam_weight_decay"]),
+                  dict(params=[params[head]], lr=s["head_lr"] * width, weight_decay=s["adam_weight_decay"]),
+                  dict(params=scalars, lr=s["scalar_lr"], weight_decay=0.0)]
+        return [torch.optim.AdamW(groups, betas=(s["adam_beta1"], s["adam_beta2"]), eps=s["adam_eps"], fused=fused),
+                torch.optim.Muon(hidden, lr=s["muon_lr"], momentum=s["muon_momentum"],
+                                 weight_decay=s["muon_weight_decay"])]
 
     def decode_step(self, token, cache):
         """The logits (B, vocab) after one more token (B, 1) through the cached model. Its shapes never
@@ -451,6 +486,8 @@ def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 check_settings(config, positive=("n_layer", "n_head", "n_embd", "block_size", "batch_size", "total_batch_size",
                                  "max_iters", "log_interval", "eval_interval", "checkpoint_interval", "val_tokens"),
                non_negative=("learning_rate", "muon_lr", "weight_decay", "muon_weight_decay", "warmup_iters",
+                             "embedding_lr", "head_lr", "scalar_lr", "lr_ref_width", "adam_eps", "adam_weight_decay",
+                             "muon_momentum_warmup",
                              "lr_decay_iters", "grad_clip", "hellaswag_interval", "hellaswag_limit", "sample_interval",
                              "keep_last"),
                choices=dict(arch=("gpt2", "llama"), optimizer=("muon", "adamw"), lr_schedule=("cosine", "wsd"),
@@ -509,8 +546,7 @@ model.to(device)
 #   compiled   torch.compile's wrapper (CUDA): the fast forward for training and val loss
 #   model      compiled, wrapped in DDP under torchrun: the training forward, which all-reduces gradients
 raw_model = model
-optimizers = raw_model.configure_optimizers(optimizer, learning_rate, weight_decay, muon_lr, muon_momentum,
-                                            muon_weight_decay, (beta1, beta2))
+optimizers = raw_model.configure_optimizers(config)  # the optimizer settings above
 base_lrs = [[group["lr"] for group in opt.param_groups] for opt in optimizers]  # this run's peaks, scaled each step
 if compile and device_type == "cuda":
     model = torch.compile(model)
@@ -522,7 +558,7 @@ step, best_val_loss, evals_done_at = 0, float("inf"), -1
 if checkpoint is not None:
     # Resume: the optimizer moments, the loader's position and every RNG continue where the run stopped,
     # so the resumed run takes bitwise the steps the uninterrupted one would have taken.
-    for opt, state in zip(optimizers, checkpoint["optimizers"], strict=True):
+    for opt, state in zip(optimizers, upgrade_optimizer_states(checkpoint, raw_model, optimizers), strict=True):
         opt.load_state_dict(state)
     loader.load_state_dict(checkpoint["loader"])
     set_rng_states(checkpoint["rng"])
@@ -546,17 +582,17 @@ log.print(f"data: {data_dir}, {int(loader.reader.starts[-1]):,} train tokens in 
           f"shards, {val_data.tokens:,} val tokens" + (f"; resumed at step {step}" if step else ""))
 if hellaswag_note:
     log.print(hellaswag_note)
-if init_from == "resume":  # a changed schedule setting moves the learning rate under a resumed run's feet
-    was = saved["learning_rate"] * get_lr_factor(step, saved["warmup_iters"], saved["lr_decay_iters"] or
-                                                 saved["max_iters"], saved["lr_schedule"], saved["min_lr_frac"],
-                                                 saved["decay_frac"])
-    if not math.isclose(was, learning_rate * get_lr_factor(step)):
-        changed = changed_settings(saved, config, ("learning_rate", "max_iters", "warmup_iters", "lr_schedule",
-                                                   "lr_decay_iters", "min_lr_frac", "decay_frac"))
-        log.print(f"warning: {', '.join(changed)} moves the learning rate at step {step} from {was:.2e} to "
-                  f"{learning_rate * get_lr_factor(step):.2e}; to lengthen a run smoothly, set lr_decay_iters "
-                  "to its final length from the start")
-
+if init_from == "resume":  # a changed rate or schedule setting moves the learning rates under a resumed run's feet
+    was, now = lr_factor(step, saved), lr_factor(step, config)
+    changed = changed_settings(saved, config, ("learning_rate", "muon_lr", "embedding_lr", "head_lr", "scalar_lr",
+                                               "lr_ref_width"))
+    if not math.isclose(was, now):
+        changed += changed_settings(saved, config, ("max_iters", "warmup_iters", "lr_schedule", "lr_decay_iters",
+                                                    "min_lr_frac", "decay_frac"))
+    if changed:
+        log.print(f"warning: {', '.join(changed)} moves the learning rate at step {step} (the schedule's factor "
+                  f"{was:.3f} -> {now:.3f}); to lengthen a run smoothly, set lr_decay_iters to its final length "
+                  "from the start")
 
 def mfu(tokens_per_sec):
     """Model FLOPs utilisation: achieved training FLOP/s over the GPU's peak (0 where the peak is unknown)."""
@@ -637,10 +673,12 @@ while True:
 
     # One optimizer step over grad_accum micro-batches. Each micro-batch's loss is divided by
     # grad_accum, so the summed gradients are those of the mean over one big batch.
-    lr_factor = get_lr_factor(step)
+    lr_now = lr_factor(step, config)
     for opt, lrs in zip(optimizers, base_lrs, strict=True):
         for group, lr in zip(opt.param_groups, lrs, strict=True):
-            group["lr"] = lr * lr_factor
+            group["lr"] = lr * lr_now
+            if isinstance(opt, torch.optim.Muon):
+                group["momentum"] = muon_momentum_at(step, config)
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=device)
@@ -670,7 +708,7 @@ while True:
     if step % log_interval == 0 or step == max_iters:
         now = time.perf_counter()
         tps = tokens_since / (now - time_since)
-        rec = {"step": step, "loss": loss_value, "lr": learning_rate * lr_factor, "grad_norm": norm_value,
+        rec = {"step": step, "loss": loss_value, "lr": base_lrs[-1][0] * lr_now, "grad_norm": norm_value,
                "param_norm": param_norm(raw_model), "tokens_per_sec": tps, "mfu": mfu(tps), "epoch": loader.epoch}
         eta = (now - run_start) / (step - start_step) * (max_iters - step)  # evals and checkpoints included
         log.print(f"step {step}/{max_iters}: loss {loss_value:.4f}, lr {rec['lr']:.2e}, grad norm {norm_value:.3f}, "

@@ -116,9 +116,7 @@ def build(loop):
         for emb in (raw.transformer.wte, getattr(raw.transformer, "wpe", None)):
             if emb is not None:
                 emb.register_forward_hook(lambda module, args, out: out.to(torch.bfloat16))
-    kind = t.optimizer if loop == "fast" else "adamw"
-    optimizers = raw.configure_optimizers(kind, t.learning_rate, t.weight_decay, t.muon_lr, t.muon_momentum,
-                                          t.muon_weight_decay, (t.beta1, t.beta2))
+    optimizers = raw.configure_optimizers({**config, "optimizer": t.optimizer if loop == "fast" else "adamw"})
     model = torch.compile(raw) if loop == "fast" and t.compile and cuda else raw
     return model, raw, optimizers
 

@@ -12,6 +12,9 @@ A checkpoint is a dict of plain tensors and types, loadable with torch.load(weig
     optimizers     one state_dict per optimizer (AdamW, then Muon when used)
     loader         the train loader's state_dict (one counter plus what must match on resume)
     rng            python, numpy, torch and cuda RNG states (rng_states below)
+
+A checkpoint written by an older version resumes as it would have run there: upgrade_settings and
+upgrade_optimizer_states restate its settings and optimizer states in today's terms.
 """
 
 import os
@@ -107,7 +110,54 @@ def load_checkpoint(path, device="cpu"):
     if not isinstance(config, dict) or not all(isinstance(k, str) and type(v) in (int, float, bool, str)
                                                for k, v in config.items()):
         raise UserError(f"{path}: its model_config is missing or damaged; it cannot rebuild a model")
+    if isinstance(ckpt.get("config"), dict):
+        ckpt["config"] = upgrade_settings(ckpt["config"])
     return ckpt
+
+
+# The settings that make a training recipe: finetune_sft.py takes them from its base checkpoint, scaling RATES.
+RATES = ("learning_rate", "muon_lr", "embedding_lr", "head_lr", "scalar_lr")
+OPTIMIZER_SETTINGS = (*RATES, "optimizer", "weight_decay", "beta1", "beta2", "muon_momentum", "muon_momentum_warmup",
+                      "muon_weight_decay", "lr_ref_width", "adam_beta1", "adam_beta2", "adam_eps", "adam_weight_decay")
+
+
+def upgrade_settings(saved):
+    """A checkpoint's settings with the settings added since it was written, set as its run behaved.
+    Before per-group learning rates (commit aa02ff6 and earlier), muon mode's AdamW ran every parameter
+    outside the block matrices at learning_rate, betas (beta1, beta2), eps 1e-8, weight_decay on the
+    embeddings and head, at every width, and Muon's momentum had no warmup; finetune_sft.py's rates were
+    its own (lr_scale 1)."""
+    if "learning_rate" in saved and "embedding_lr" not in saved:
+        lr = saved["learning_rate"]
+        saved = {**saved, "embedding_lr": lr, "head_lr": lr, "scalar_lr": lr, "lr_ref_width": 0,
+                 "adam_beta1": saved["beta1"], "adam_beta2": saved["beta2"], "adam_eps": 1e-8,
+                 "adam_weight_decay": saved["weight_decay"], "muon_momentum_warmup": 0, "lr_scale": 1.0}
+    return saved
+
+
+def upgrade_optimizer_states(ckpt, model, optimizers):
+    """ckpt["optimizers"] laid out for `optimizers` (built by configure_optimizers from the upgraded
+    settings). Before per-group rates, muon mode's AdamW held two groups, the 2-D parameters outside the
+    blocks and the 1-D ones, where today it holds three (embeddings, head, scalars). Each parameter
+    keeps its moments and step count; each group takes the settings of the old group it came from."""
+    states = ckpt["optimizers"]
+    adamw = optimizers[0]
+    if len(optimizers) != 2 or len(states[0]["param_groups"]) == len(adamw.param_groups):
+        return states
+    named = dict(model.named_parameters())
+    outside = [n for n, p in named.items() if not (n.startswith("transformer.h.") and p.dim() == 2)]
+    old = [n for n in outside if named[n].dim() >= 2] + [n for n in outside if named[n].dim() < 2]
+    old_group = {n: 0 if named[n].dim() >= 2 else 1 for n in old}
+    name_of = {id(p): n for n, p in named.items()}
+    state, groups, i = {}, [], 0
+    for group in adamw.param_groups:
+        names = [name_of[id(p)] for p in group["params"]]
+        groups.append({**states[0]["param_groups"][old_group[names[0]]], "params": list(range(i, i + len(names)))})
+        for n in names:
+            if old.index(n) in states[0]["state"]:
+                state[i] = states[0]["state"][old.index(n)]
+            i += 1
+    return [{"state": state, "param_groups": groups}, *states[1:]]
 
 
 def check_resumable(ckpt, path):

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from data import UserError
+from data.checkpoint import upgrade_settings
 
 
 def _coerce(key, value, default, source):
@@ -110,6 +111,7 @@ def parse_settings(namespace, argv, positional=None):
                                mmap=True)["config"]
         except Exception:  # no or damaged checkpoint: loading it later says so in one line
             saved = {}
+        saved = upgrade_settings(saved)
         kept = {k: v for k, v in saved.items() if k in defaults and type(v) is type(defaults[k])}
         config = parse_config({**defaults, **kept}, argv, positional)
     return config

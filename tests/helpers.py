@@ -23,6 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "bench"))
 from stage_code import MODEL_BEGIN, MODEL_END  # noqa: E402  # the benchmarks read the model section the same way
 from stage_code import model_namespace as load_model_namespace  # noqa: E402
+from stage_code import script_settings  # noqa: E402
 
 SAMPLES = REPO_ROOT / "data" / "samples"
 SAMPLE_SHARDS = SAMPLES / "fineweb_edu"  # 100 real FineWeb-Edu documents, prepared
@@ -41,9 +42,9 @@ def model_section(script_path):
     return text[text.index(MODEL_BEGIN) : text.index(MODEL_END) + len(MODEL_END)]
 
 
-def make_checkpoint(path, arch="gpt2", chat=False, seed=0, script=REPO_ROOT / "train_gpt.py", **config):
-    """Save a small random model in train_gpt.py's checkpoint format to path (a file; parent dirs are
-    made) and return the model. config overrides GPTConfig fields; the default size is TINY."""
+def make_checkpoint(path, arch="gpt2", chat=False, seed=0, script=REPO_ROOT / "train_gpt.py", settings=None, **config):
+    """Save a small random model in train_gpt.py's checkpoint format (with its default settings) to path
+    (a file; parent dirs are made) and return the model. config overrides GPTConfig fields; the default size is TINY."""
     ns = load_model_namespace(script)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -51,7 +52,8 @@ def make_checkpoint(path, arch="gpt2", chat=False, seed=0, script=REPO_ROOT / "t
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": model.state_dict(), "model_config": asdict(model.config), "chat": chat, "optimizers": [],
-                "config": {"arch": arch}, "step": 0, "best_val_loss": float("inf")}, path)
+                "config": {**script_settings("train_gpt.py"), "arch": arch, **(settings or {})}, "step": 0,
+                "best_val_loss": float("inf")}, path)
     return model
 
 

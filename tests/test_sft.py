@@ -335,6 +335,22 @@ def raschka_mix(tmp_path_factory):
     return out
 
 
+def test_fine_tune_takes_the_base_runs_recipe_with_its_rates_times_lr_scale(raschka_mix, tmp_path):
+    recipe = dict(optimizer="muon", muon_lr=0.03, embedding_lr=0.2, head_lr=0.006, scalar_lr=0.02, lr_ref_width=256,
+                  adam_beta1=0.7, adam_eps=1e-9, muon_momentum=0.9)
+    make_checkpoint(tmp_path / "base" / "ckpt.pt", settings=recipe)  # 64 wide: the width rule doubles two rates
+    out = tmp_path / "sft"
+    ns = run_script("finetune_sft.py", "configs/sft_smoke.toml", f"--init_from={tmp_path / 'base'}",
+                    f"--data_dir={raschka_mix}", f"--out_dir={out}", "--device=cpu", "--max_iters=1",
+                    "--lr_scale=0.5", "--sample_interval=0", "--eval_interval=1000")
+    adam_lrs, muon_lrs = ns["base_lrs"]
+    assert adam_lrs == pytest.approx([0.2, 0.006, 0.01]) and muon_lrs == [0.015]  # x 0.5, and x 2 for the width
+    adamw, muon = ns["optimizers"]
+    assert adamw.defaults["betas"][0] == 0.7 and adamw.defaults["eps"] == 1e-9 and muon.defaults["momentum"] == 0.9
+    saved = json.loads((out / "config.json").read_text())
+    assert {k: saved[k] for k in recipe} == recipe and saved["lr_scale"] == 0.5  # a resumed fine-tune finds them
+
+
 def test_cli_fine_tune_learns_replies_that_greedy_sampling_reproduces(base, tmp_path):
     data, out, pairs = tmp_path / "data", tmp_path / "sft", write_pairs(tmp_path / "pairs.json")
     mix(mix_args(data, "--sources=raschka", "--raschka", pairs, "--val_fraction=0.1"))
@@ -342,7 +358,7 @@ def test_cli_fine_tune_learns_replies_that_greedy_sampling_reproduces(base, tmp_
                             f"--out_dir={tmp_path / 'cli'}", "--val_fraction=0.1"], cwd=ROOT, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, env=ENV)
     (_, printed, _), _ = finish(cli, start(base, data, out, "--max_iters=30", "--batch_size=5",
-                                           "--gradient_accumulation_steps=1", "--learning_rate=1e-2", "--muon_lr=0.05",
+                                           "--gradient_accumulation_steps=1", "--lr_scale=1",
                                            "--sample_interval=30"))
     assert "6 rows -> 6 kept (none dropped); weight 1 -> 5 train, 1 val" in printed
     for name in ("train_000000.bin", "train_offsets.npy", "val_000000.bin", "val_offsets.npy"):
@@ -382,7 +398,7 @@ def test_resume_is_bitwise_exact_and_a_nan_keeps_the_good_checkpoint(base, rasch
     before = hashlib.sha256((broken / "ckpt.pt").read_bytes()).hexdigest()
     (resumed, _, errors), (proc, stdout, _) = finish(
         start("resume", raschka_mix, short, "--max_iters=4", *args),
-        start("resume", raschka_mix, broken, "--max_iters=4", "--learning_rate=1e30", "--muon_lr=1e30",
+        start("resume", raschka_mix, broken, "--max_iters=4", "--lr_scale=1e30",
               "--checkpoint_interval=1", *args), check=False)
     assert resumed.returncode == 0, errors
     assert train_records(short) == expected

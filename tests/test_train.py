@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from helpers import (
     run_cli,
     run_script,
     script_head,
+    script_settings,
     train_records,
     wait_for_steps,
 )
@@ -31,6 +33,7 @@ from data.run import StopRequest, lock_run_dir
 
 NS = load_model_namespace(ROOT / "train_gpt.py")
 GPT, GPTConfig = NS["GPT"], NS["GPTConfig"]
+SETTINGS = script_settings("train_gpt.py")  # the defaults
 TINY = dict(block_size=32, n_layer=2, n_head=2, n_embd=32)
 ARCHS = ["gpt2", "llama"]
 
@@ -76,7 +79,8 @@ def test_every_parameter_receives_a_gradient(arch):
 def test_overfits_one_batch(arch, optimizer):
     model = tiny_model(arch, vocab_size=512)
     x = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(1))
-    opts = model.configure_optimizers(optimizer, 1e-2, 0.0, 0.05, 0.95, 0.0, (0.9, 0.95))
+    opts = model.configure_optimizers({**SETTINGS, "optimizer": optimizer, "learning_rate": 1e-2, "muon_lr": 0.05,
+                                       "embedding_lr": 1e-2, "head_lr": 1e-2, "scalar_lr": 1e-2, "lr_ref_width": 0})
     for _ in range(40):
         _, loss = model(x[:, :-1], x[:, 1:])
         loss.backward()
@@ -87,13 +91,22 @@ def test_overfits_one_batch(arch, optimizer):
 
 
 def test_lr_schedules():
-    settings = ("--max_iters=100", "--warmup_iters=10", "--min_lr_frac=0.1")
-    lr_factor = script_head("train_gpt.py", *settings)["get_lr_factor"]
-    cosine = [lr_factor(s) for s in range(101)]
+    lr_factor = script_head("train_gpt.py")["lr_factor"]
+    run = {**SETTINGS, "max_iters": 100, "warmup_iters": 10, "min_lr_frac": 0.1, "lr_decay_iters": 0}
+    cosine = [lr_factor(s, run) for s in range(101)]
     assert cosine[0] == pytest.approx(0.1) and cosine[9] == 1.0 and cosine[100] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(cosine[9:-1], cosine[10:], strict=True))  # never rises after warmup
-    wsd = [lr_factor(s, 10, 100, "wsd", 0.0, decay_frac=0.2) for s in range(101)]
+    wsd = [lr_factor(s, {**run, "lr_schedule": "wsd", "min_lr_frac": 0.0, "decay_frac": 0.2}) for s in range(101)]
     assert wsd[10:81] == [1.0] * 71 and wsd[90] == pytest.approx(0.5) and wsd[100] == 0.0
+    no_warmup = [lr_factor(s, {**run, "lr_schedule": "wsd", "warmup_iters": 0}) for s in range(3)]
+    assert no_warmup == [1.0, 1.0, 1.0]
+
+
+def test_muon_momentum_warms_up_from_085():
+    momentum_at = script_head("train_gpt.py")["muon_momentum_at"]
+    run = {**SETTINGS, "muon_momentum": 0.95, "muon_momentum_warmup": 100}
+    assert [momentum_at(s, run) for s in (0, 50, 100, 1000)] == pytest.approx([0.85, 0.90, 0.95, 0.95])
+    assert momentum_at(0, {**run, "muon_momentum_warmup": 0}) == 0.95
 
 
 def test_ignored_targets_give_zero_loss_not_nan():
@@ -104,21 +117,49 @@ def test_ignored_targets_give_zero_loss_not_nan():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_muon_takes_the_block_matrices_and_adamw_the_rest(arch):
-    model = tiny_model(arch)
+def test_muon_takes_the_block_matrices_and_adamw_three_groups_at_their_own_rates(arch):
+    model = tiny_model(arch)  # n_embd 32
     named = dict(model.named_parameters())
-    adamw, muon = model.configure_optimizers("muon", 1e-3, 0.1, 0.02, 0.95, 0.0, (0.9, 0.95))
+    settings = {**SETTINGS, "optimizer": "muon", "muon_lr": 0.03, "embedding_lr": 0.2, "head_lr": 0.005,
+                "scalar_lr": 0.04, "lr_ref_width": 128, "adam_weight_decay": 0.01}
+    adamw, muon = model.configure_optimizers(settings)
     assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
     block_matrices = {n for n, p in named.items() if n.startswith("transformer.h.") and p.dim() == 2}
     assert {n for n, p in named.items() if any(p is q for q in muon.param_groups[0]["params"])} == block_matrices
     assert all(n.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) for n in block_matrices)
-    decayed, plain = adamw.param_groups
+    assert muon.param_groups[0]["lr"] == 0.03
     names = lambda group: {n for n, p in named.items() if any(p is q for q in group["params"])}  # noqa: E731
-    embeddings = {"transformer.wte.weight"} | ({"transformer.wpe.weight"} if arch == "gpt2" else {"lm_head.weight"})
-    assert names(decayed) == embeddings and decayed["weight_decay"] == 0.1
-    assert names(plain) == {n for n, p in named.items() if p.dim() == 1} and plain["weight_decay"] == 0.0
-    (only,) = model.configure_optimizers("adamw", 1e-3, 0.1, 0.02, 0.95, 0.0, (0.9, 0.95))
-    assert sum(len(g["params"]) for g in only.param_groups) == len(named)
+    embedding, head, scalars = adamw.param_groups
+    width = (128 / 32) ** 0.5  # the width rule: rates tuned at lr_ref_width, this model is 32 wide
+    assert names(embedding) == {"transformer.wpe.weight" if arch == "gpt2" else "transformer.wte.weight"}
+    assert names(head) == {"transformer.wte.weight" if arch == "gpt2" else "lm_head.weight"}  # gpt2's is tied
+    assert names(scalars) == {n for n, p in named.items() if p.dim() == 1}
+    assert [g["lr"] for g in adamw.param_groups] == pytest.approx([0.2 * width, 0.005 * width, 0.04])
+    assert [g["weight_decay"] for g in adamw.param_groups] == [0.01, 0.01, 0.0]
+    assert adamw.defaults["betas"] == (SETTINGS["adam_beta1"], SETTINGS["adam_beta2"])
+    assert adamw.defaults["eps"] == SETTINGS["adam_eps"]
+    unscaled, _ = model.configure_optimizers({**settings, "lr_ref_width": 0})
+    assert [g["lr"] for g in unscaled.param_groups] == [0.2, 0.005, 0.04]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_adamw_mode_is_nanogpts_recipe(arch):
+    """optimizer="adamw" takes nanoGPT's train.py step, whatever the muon-mode settings say."""
+    model, reference = tiny_model(arch), tiny_model(arch)
+    (ours,) = model.configure_optimizers({**SETTINGS, "optimizer": "adamw", "learning_rate": 1e-3,
+                                          "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95})
+    params = list(reference.parameters())  # nanoGPT's configure_optimizers: decay every >= 2-D tensor
+    theirs = torch.optim.AdamW([dict(params=[p for p in params if p.dim() >= 2], weight_decay=0.1),
+                                dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)],
+                               lr=1e-3, betas=(0.9, 0.95))
+    x = torch.randint(0, 50304, (2, 17), generator=torch.Generator().manual_seed(1))
+    for m, opt in ((model, ours), (reference, theirs)):
+        for _ in range(3):
+            m(x[:, :-1], x[:, 1:])[1].backward()
+            opt.step()
+            opt.zero_grad()
+    for (name, a), b in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a, b), name
 
 
 # ----------------------------------------------------------------------------- whole runs
@@ -155,6 +196,24 @@ def test_smoke_run_writes_metrics_logs_code_and_a_weights_only_checkpoint(smoke_
     for module in (ROOT / "data").glob("*.py"):
         assert (smoke_run / "code" / "data" / module.name).read_text() == module.read_text()
     assert json.loads((smoke_run / "config.json").read_text())["max_iters"] == 6
+
+
+def test_a_checkpoint_from_before_per_group_rates_resumes_at_the_rates_it_was_trained_with(tmp_path):
+    """tests/fixtures/run_before_group_lrs holds the step-2 checkpoint of a 4-step run made by the code
+    before per-group rates, and that run's record. Today's code resumes it with AdamW at the old single
+    rate (3e-3 from configs/smoke.toml) for all three groups, no width rule and no momentum warmup, so
+    steps 3 and 4 repeat the record: bitwise on the machine that made it, to float rounding elsewhere."""
+    fixture, run = ROOT / "tests" / "fixtures" / "run_before_group_lrs", tmp_path / "run"
+    shutil.copytree(fixture, run)
+    ns = run_script("train_gpt.py", f"--out_dir={run}", "--init_from=resume", "--device=cpu")
+    assert ns["base_lrs"] == [[3e-3, 3e-3, 3e-3], [0.02]]
+    assert [g["eps"] for g in ns["optimizers"][0].param_groups] == [1e-8] * 3
+    assert ns["config"]["muon_momentum_warmup"] == 0 and ns["config"]["lr_ref_width"] == 0
+    recorded = [(r["step"], r["loss"], r["grad_norm"], r["param_norm"]) for r in metrics(fixture)
+                if "loss" in r and r["step"] > 2]
+    resumed = [r for r in train_records(run) if r[0] > 2]
+    assert [r[0] for r in resumed] == [3, 4]
+    assert resumed == pytest.approx(recorded, rel=1e-5, abs=0)
 
 
 def test_resume_continues_bitwise_after_a_shorter_run_and_after_sigint(tmp_path):
@@ -215,7 +274,7 @@ def test_nonfinite_loss_stops_without_touching_the_good_checkpoint(tmp_path, cap
     train(out, "--max_iters=2")
     before = hashlib.sha256((out / "ckpt.pt").read_bytes()).hexdigest()
     with pytest.raises(SystemExit) as stopped:
-        train(out, "--init_from=resume", "--max_iters=50", "--learning_rate=inf", "--muon_lr=inf",
+        train(out, "--init_from=resume", "--max_iters=50", "--head_lr=inf", "--muon_lr=inf",
               "--checkpoint_interval=1")
     assert stopped.value.code == 1 and "last good checkpoint" in capsys.readouterr().out
     assert hashlib.sha256((out / "ckpt.pt").read_bytes()).hexdigest() == before
