@@ -21,9 +21,12 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "bench"))
-from stage_code import MODEL_BEGIN, MODEL_END  # noqa: E402  # the benchmarks read the model section the same way
+from stage_code import (  # noqa: E402  # the benchmarks read the model section the same way
+    MODEL_BEGIN,
+    MODEL_END,
+    script_settings,  # noqa: E402
+)
 from stage_code import model_namespace as load_model_namespace  # noqa: E402
-from stage_code import script_settings  # noqa: E402
 
 SAMPLES = REPO_ROOT / "data" / "samples"
 SAMPLE_SHARDS = SAMPLES / "fineweb_edu"  # 100 real FineWeb-Edu documents, prepared
