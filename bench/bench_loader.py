@@ -153,7 +153,7 @@ def learn(full_dir, work_dir, args):
                    f"--n_layer={args.n_layer}", f"--n_head={args.n_head}", f"--n_embd={args.n_embd}",
                    f"--block_size={args.block_size}", f"--batch_size={args.batch_size}",
                    f"--total_batch_size={micro * args.grad_accum}", f"--val_tokens={args.val_tokens}",
-                   f"--learning_rate={args.learning_rate}", f"--warmup_iters={max(1, steps // 10)}",
+                   f"--warmup_iters={max(1, steps // 10)}",
                    f"--eval_interval={steps}", f"--checkpoint_interval={steps}",
                    f"--log_interval={max(1, steps // 10)}",
                    "--sample_interval=0", "--hellaswag_interval=0"]
@@ -187,7 +187,6 @@ def main():
     parser.add_argument("--block_size", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--grad_accum", type=int, default=2)
-    parser.add_argument("--learning_rate", type=float, default=3e-3)
     parser.add_argument("--val_tokens", type=int, default=65_536)
     parser.add_argument("--threads", type=int, default=1, help="learn: torch threads per training run")
     parser.add_argument("--speed_child", nargs=2, metavar=("MODE", "DIR"), help=argparse.SUPPRESS)

@@ -15,10 +15,9 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from data import UserError  # noqa: E402
+from data.sync_model import MODEL_BEGIN, MODEL_END, RULE  # noqa: E402
 from data.tokenizer import VOCAB_SIZE  # noqa: E402
 
-RULE = "# " + "-" * 77
-MODEL_BEGIN, MODEL_END = f"{RULE} model\n", f"{RULE} end of model\n"
 SETTINGS_BEGIN, SETTINGS_END = f"{RULE} settings\n", "\nconfig = parse_settings("
 
 

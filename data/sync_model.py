@@ -62,7 +62,10 @@ def main(argv=None):
     if args.check and stale:
         raise UserError(f"the model section of {', '.join(stale)} differs from {SOURCE}'s; "
                         "run python data/sync_model.py")
-    print(f"{', '.join(stale) or 'no copy'} {'updated from' if stale else 'differs from'} {SOURCE}")
+    if args.check or not stale:
+        print(f"every stage script's model section matches {SOURCE}'s")
+    else:
+        print(f"{', '.join(stale)}: model section updated from {SOURCE}'s")
 
 
 if __name__ == "__main__":

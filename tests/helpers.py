@@ -21,11 +21,7 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "bench"))
-from stage_code import (  # noqa: E402  # the benchmarks read the model section the same way
-    MODEL_BEGIN,
-    MODEL_END,
-    script_settings,  # noqa: E402
-)
+from stage_code import MODEL_BEGIN, script_settings  # noqa: E402  # the benchmarks read the scripts the same way
 from stage_code import model_namespace as load_model_namespace  # noqa: E402
 
 SAMPLES = REPO_ROOT / "data" / "samples"
@@ -35,14 +31,6 @@ HELLASWAG = SAMPLES / "hellaswag_val_200.jsonl"  # the first 200 rows of the rea
 RASCHKA = SAMPLES / "raschka_instruction_500.json"
 
 TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=64)  # a model that runs in milliseconds on a CPU
-
-
-def model_section(script_path):
-    """The model section of a stage script, both marker lines included."""
-    text = Path(script_path).read_text()
-    if text.count(MODEL_BEGIN) != 1 or text.count(MODEL_END) != 1:
-        raise ValueError(f"{script_path}: expected one '# ---...--- model' and one '# ---...--- end of model' line")
-    return text[text.index(MODEL_BEGIN) : text.index(MODEL_END) + len(MODEL_END)]
 
 
 def make_checkpoint(path, arch="gpt2", chat=False, seed=0, script=REPO_ROOT / "train_gpt.py", settings=None, **config):

@@ -3,13 +3,13 @@ other's checkpoints, fail clearly on a checkpoint of another shape, and match HF
 
 import pytest
 import torch
-from helpers import REPO_ROOT, load_model_namespace, make_checkpoint, model_section
+from helpers import REPO_ROOT, load_model_namespace, make_checkpoint
 
 from data import UserError
 from data.checkpoint import load_checkpoint
+from data.sync_model import COPIES, SOURCE, sync
 
-STAGE_SCRIPTS = ["train_gpt.py", "finetune_sft.py", "sample.py", "eval_hellaswag.py", "export_hf.py"]
-PRESENT = [name for name in STAGE_SCRIPTS if (REPO_ROOT / name).is_file()]
+STAGE_SCRIPTS = [SOURCE, *COPIES]
 
 
 def gpt_class(script):
@@ -18,10 +18,25 @@ def gpt_class(script):
 
 
 def test_model_sections_are_identical():
-    assert len(PRESENT) >= 4, f"only {PRESENT} exist"
-    reference = model_section(REPO_ROOT / "train_gpt.py")
-    for name in PRESENT[1:]:
-        assert model_section(REPO_ROOT / name) == reference, f"{name}: model section differs from train_gpt.py's"
+    stale = sync(check=True)  # a missing stage script is a UserError naming it
+    assert not stale, f"{stale}: model section differs from train_gpt.py's; run python data/sync_model.py"
+
+
+def test_sync_copies_the_model_section_and_nothing_else(tmp_path):
+    for name in STAGE_SCRIPTS:
+        (tmp_path / name).write_text((REPO_ROOT / name).read_text())
+    source = tmp_path / SOURCE
+    source.write_text(source.read_text().replace("def make_norm(config):", "def make_norm(config):  # edited"))
+    before = {name: (tmp_path / name).read_text() for name in COPIES}
+    assert sync(check=True, root=tmp_path) == list(COPIES)
+    assert sync(root=tmp_path) == list(COPIES) and sync(check=True, root=tmp_path) == []
+    for name in COPIES:
+        text = (tmp_path / name).read_text()
+        assert "def make_norm(config):  # edited" in text
+        assert text.replace("  # edited", "") == before[name]  # the rest of the script untouched
+    (tmp_path / "sample.py").unlink()
+    with pytest.raises(UserError, match="sample.py is missing"):
+        sync(check=True, root=tmp_path)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -30,7 +45,7 @@ def test_checkpoint_gives_the_same_logits_in_every_script(tmp_path, arch):
     ckpt = load_checkpoint(tmp_path, "cpu")  # weights_only=True: the format holds no pickled code
     idx = torch.randint(0, 50257, (2, 40), generator=torch.Generator().manual_seed(0))
     expected, _ = trained(idx)
-    for name in PRESENT:
+    for name in STAGE_SCRIPTS:
         model = gpt_class(name).from_checkpoint(ckpt, name)
         logits, _ = model(idx)
         assert torch.equal(logits, expected), name
