@@ -82,6 +82,7 @@ adam_beta1 = 0.8  # AdamW's betas and eps in muon mode (nanochat's and modded-na
 adam_beta2 = 0.95
 adam_eps = 1e-10
 adam_weight_decay = 0.0  # on the embeddings and head; never on gains or biases
+zero_init_proj = False  # EXPERIMENT: zero the blocks' output projections at init (modded-nanogpt, nanochat)
 learning_rate = 6e-4  # optimizer="adamw" only: every parameter (nanoGPT's recipe, with the next three)
 weight_decay = 0.1  # optimizer="adamw" only: on matrices and embeddings
 beta1 = 0.9  # optimizer="adamw" only
@@ -538,6 +539,10 @@ elif init_from.startswith("gpt2"):
     model = GPT.from_pretrained(init_from)
 else:
     raise UserError(f"init_from={init_from!r}: use scratch, resume or a GPT-2 name such as gpt2")
+if init_from == "scratch" and zero_init_proj:
+    for name, p in model.named_parameters():
+        if name.endswith("c_proj.weight"):
+            nn.init.zeros_(p)
 if model.config.block_size < block_size:
     raise UserError(f"block_size={block_size} is longer than the model's {model.config.block_size}")
 model.to(device)

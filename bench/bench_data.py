@@ -7,9 +7,10 @@ Throughput of the data pipeline on this machine:
      default threads and with 1, and the process RSS before and after 10,000 batches (it must
      not grow with the tokens read).
 
-    python bench/bench_data.py [CORPUS.jsonl]    # default: ../shared/data/python_docs/python3.11_docs.jsonl
+    python bench/bench_data.py CORPUS.jsonl    # e.g. ../shared/data/python_docs/python3.11_docs.jsonl
 """
 
+import argparse
 import contextlib
 import io
 import json
@@ -25,12 +26,11 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from data import UserError, one_line_errors  # noqa: E402
 from data.fineweb_edu import main as prep  # noqa: E402
 from data.loaders import BatchLoader  # noqa: E402
 from data.tokenizer import get_tokenizer  # noqa: E402
 
-DEFAULT_CORPUS = REPO.parent / "shared" / "data" / "python_docs" / "python3.11_docs.jsonl"
-CORPUS = Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_CORPUS
 B, T, BATCHES = 64, 1024, 10_000
 REPEATS = 3
 
@@ -55,6 +55,12 @@ def best_time(fn, repeats=REPEATS):
 
 
 def main():
+    global CORPUS
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("corpus", help="a .jsonl file of {\"text\": ...} documents")
+    CORPUS = Path(parser.parse_args().corpus)
+    if not CORPUS.is_file():
+        raise UserError(f"{CORPUS} not found; pass a .jsonl corpus such as the Python docs of ../shared/data")
     print(f"machine: {os.cpu_count()} CPUs, {platform.platform()}, {platform.processor() or platform.machine()}, "
           f"python {platform.python_version()}, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     texts = [json.loads(line)["text"] for line in CORPUS.read_text().splitlines()]
@@ -96,4 +102,5 @@ def main():
     print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 if __name__ == "__main__":
+    one_line_errors()
     main()

@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from data import UserError, one_line_errors  # noqa: E402
 from data.checkpoint import resolve_checkpoint  # noqa: E402
-from data.run import parse_settings  # noqa: E402
+from data.settings import parse_settings  # noqa: E402
 from data.tokenizer import get_tokenizer  # noqa: E402
 
 one_line_errors()

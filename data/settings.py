@@ -4,7 +4,9 @@ configs/*.toml files on the command line override them, then --key=value flags. 
 ill-typed and out-of-range values are one-line errors, raised before the script does anything.
 """
 
+import ast
 import difflib
+import re
 import sys
 from pathlib import Path
 
@@ -40,11 +42,36 @@ def _coerce(key, value, default, source):
     return value
 
 
+SETTING = re.compile(r"^([a-z_][a-z0-9_]*) = (.+?)(?:\s+#\s?(.*))?$")  # `name = value  # comment` at the top level
+
+
+def help_text(script, defaults):
+    """A script's --help: the usage lines of its docstring, then every setting with its default and the
+    comment beside it in the script's settings block (a bench's train_gpt.py settings come last)."""
+    script = Path(script)
+    text = script.read_text(encoding="utf-8")
+    lines = [(ast.get_docstring(ast.parse(text)) or "").strip(), "", f"settings of {script.name} (--key=value, "
+             "or a configs/*.toml file; in that order after these defaults):"]
+    comments = {}
+    for source in (text, (Path(__file__).resolve().parent.parent / "train_gpt.py").read_text(encoding="utf-8")):
+        for line in source.splitlines():
+            match = SETTING.match(line)
+            if match and match[1] in defaults and match[1] not in comments:
+                comments[match[1]] = match[3] or ""
+    width = max(map(len, defaults), default=0) + 2
+    for key, value in defaults.items():
+        lines.append(f"  --{key:<{width}} {value!r:<12} {comments.get(key, '')}".rstrip())
+    return "\n".join(lines)
+
+
 def parse_config(defaults, argv, positional=None):
     """Resolve a script's settings: `defaults` (name -> int/float/bool/str) overridden by any
     `configs/*.toml` files in argv, then by `--key=value` / `--key value` / bare `--flag`
     (for booleans). A bare word goes to the `positional` key, if the script has one.
-    Unknown keys and ill-typed values are one-line errors."""
+    Unknown keys and ill-typed values are one-line errors. -h or --help prints the settings and exits."""
+    if "-h" in argv or "--help" in argv:
+        print(help_text(sys.argv[0], defaults))
+        raise SystemExit(0)
     config = dict(defaults)
 
     def check_key(key, source):

@@ -1,0 +1,35 @@
+"""-h and --help on every stage and bench script: the usage lines of its docstring and every setting with
+its default and comment, read from the script itself, exit 0, and nothing built, read or written."""
+
+import pytest
+from helpers import REPO_ROOT, run_cli
+
+STAGES = ["train_gpt.py", "finetune_sft.py", "sample.py", "eval_hellaswag.py", "export_hf.py"]
+BENCHES = sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "bench").glob("bench_*.py"))
+
+
+@pytest.mark.parametrize("script", STAGES)
+def test_stage_script_help_lists_every_setting_with_its_default_and_comment(script, tmp_path):
+    result = run_cli(script, "--help", f"--out_dir={tmp_path / 'never'}", timeout=120)
+    assert result.returncode == 0 and not result.stderr, result.stderr
+    text = result.stdout
+    assert f"python {script}" in text  # the docstring's usage lines
+    for line in (REPO_ROOT / script).read_text().split("\n# ---")[1].splitlines():  # the settings block
+        name, _, rest = line.partition(" = ")
+        if name.isidentifier() and name.islower() and not rest.startswith("parse_settings("):
+            comment = rest.partition("  # ")[2]
+            assert any(row.split()[:1] == [f"--{name}"] and comment in row for row in text.splitlines()), name
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+@pytest.mark.parametrize("script", BENCHES)
+def test_bench_script_help(script, flag):
+    result = run_cli(script, flag, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip(), result.stderr
+    assert "usage" in result.stdout.lower() or "python bench/" in result.stdout
+
+
+def test_short_flag_on_a_stage_script():
+    result = run_cli("sample.py", "-h", timeout=120)
+    assert result.returncode == 0 and "--temperature" in result.stdout
