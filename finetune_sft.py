@@ -455,7 +455,8 @@ def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 check_settings(config, positive=("batch_size", "gradient_accumulation_steps", "max_iters", "log_interval",
                                  "eval_interval", "checkpoint_interval", "sample_tokens"),
                non_negative=("block_size", "val_examples", "lr_scale", "warmup_iters", "lr_decay_iters", "grad_clip",
-                             "sample_interval", "keep_last", "hellaswag_limit"))
+                             "sample_interval", "keep_last", "hellaswag_limit"),
+               fractions=("min_lr_frac",))
 if not init_from:
     raise UserError("no base model: pass --init_from=PATH (a train_gpt.py checkpoint or run dir) or --init_from=resume")
 ddp, rank, world_size, device = init_distributed(device)

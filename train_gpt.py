@@ -492,7 +492,9 @@ check_settings(config, positive=("n_layer", "n_head", "n_embd", "block_size", "b
                              "lr_decay_iters", "grad_clip", "hellaswag_interval", "hellaswag_limit", "sample_interval",
                              "keep_last"),
                choices=dict(arch=("gpt2", "llama"), optimizer=("muon", "adamw"), lr_schedule=("cosine", "wsd"),
-                            loader_mode=("shuffle", "random", "sequential")))
+                            loader_mode=("shuffle", "random", "sequential")),
+               fractions=("min_lr_frac", "decay_frac"),
+               below_one=("beta1", "beta2", "adam_beta1", "adam_beta2", "muon_momentum"))
 if n_embd % n_head:
     raise UserError(f"n_embd={n_embd} is not divisible by n_head={n_head}; pick n_head among the divisors of n_embd")
 ddp, rank, world_size, device = init_distributed(device)

@@ -6,6 +6,7 @@ ill-typed and out-of-range values are one-line errors, raised before the script 
 
 import ast
 import difflib
+import math
 import re
 import sys
 from pathlib import Path
@@ -144,15 +145,27 @@ def parse_settings(namespace, argv, positional=None):
     return config
 
 
-def check_settings(config, positive=(), non_negative=(), choices=None):
-    """One-line errors for settings out of range, before anything runs or is written."""
+def check_settings(config, positive=(), non_negative=(), choices=None, fractions=(), below_one=()):
+    """One-line errors for settings out of range, before anything runs or is written. Every float must be
+    finite; fractions lie in [0, 1], below_one (betas, momentum) in [0, 1), a seed in numpy's [0, 2**32)."""
+    for key, value in config.items():
+        if type(value) is float and not math.isfinite(value):
+            raise UserError(f"--{key}={value}: must be a finite number")
     for key in positive:
         if config[key] <= 0:
             raise UserError(f"--{key}={config[key]}: must be at least 1" if type(config[key]) is int
                             else f"--{key}={config[key]}: must be above 0")
     for key in non_negative:
-        if not config[key] >= 0:  # NaN fails too
+        if not config[key] >= 0:
             raise UserError(f"--{key}={config[key]}: must be 0 or more")
+    for key in fractions:
+        if not 0 <= config[key] <= 1:
+            raise UserError(f"--{key}={config[key]}: must lie between 0 and 1")
+    for key in below_one:
+        if not 0 <= config[key] < 1:
+            raise UserError(f"--{key}={config[key]}: must lie in [0, 1)")
+    if "seed" in config and not 0 <= config["seed"] < 2**32:
+        raise UserError(f"--seed={config['seed']}: must lie in [0, 2**32) (numpy's seeds)")
     for key, allowed in (choices or {}).items():
         if config[key] not in allowed:
             raise UserError(f"--{key}={config[key]!r}: use one of {', '.join(map(repr, allowed))}")

@@ -274,7 +274,7 @@ def test_nonfinite_loss_stops_without_touching_the_good_checkpoint(tmp_path, cap
     train(out, "--max_iters=2")
     before = hashlib.sha256((out / "ckpt.pt").read_bytes()).hexdigest()
     with pytest.raises(SystemExit) as stopped:
-        train(out, "--init_from=resume", "--max_iters=50", "--head_lr=inf", "--muon_lr=inf",
+        train(out, "--init_from=resume", "--max_iters=50", "--head_lr=1e30", "--muon_lr=1e30",
               "--checkpoint_interval=1")
     assert stopped.value.code == 1 and "last good checkpoint" in capsys.readouterr().out
     assert hashlib.sha256((out / "ckpt.pt").read_bytes()).hexdigest() == before
@@ -301,7 +301,18 @@ BAD_SETTINGS = [
     (["--max_iters=-5"], "--max_iters=-5: must be at least 1"),
     (["--n_embd=65"], "n_embd=65 is not divisible by n_head=2"),
     (["--learning_rate=-1e-3"], "--learning_rate=-0.001: must be 0 or more"),
-    (["--muon_lr=nan"], "--muon_lr=nan: must be 0 or more"),
+    (["--muon_lr=nan"], "--muon_lr=nan: must be a finite number"),
+    (["--head_lr=inf"], "--head_lr=inf: must be a finite number"),
+    (["--decay_frac=nan"], "--decay_frac=nan: must be a finite number"),
+    (["--decay_frac=1.5"], "--decay_frac=1.5: must lie between 0 and 1"),
+    (["--min_lr_frac=-0.1"], "--min_lr_frac=-0.1: must lie between 0 and 1"),
+    (["--beta1=2"], "--beta1=2.0: must lie in [0, 1)"),
+    (["--adam_beta2=1"], "--adam_beta2=1.0: must lie in [0, 1)"),
+    (["--muon_momentum=-5"], "--muon_momentum=-5.0: must lie in [0, 1)"),
+    (["--seed=-1"], "--seed=-1: must lie in [0, 2**32)"),
+    (["--seed=1e30"], "--seed=1000000000000000019884624838656: must lie in [0, 2**32)"),
+    (["--embedding_lr=-1"], "--embedding_lr=-1.0: must be 0 or more"),
+    (["--muon_momentum_warmup=-3"], "--muon_momentum_warmup=-3: must be 0 or more"),
     (["--device=cuda"], "--device=cuda, but this torch"),
     (["--device=tpu"], "--device=tpu: use auto, cuda, cuda:N, mps or cpu"),
 ]
