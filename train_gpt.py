@@ -587,6 +587,12 @@ log.print(f"model: {n_params / 1e6:.1f}M parameters, {flops_per_token / 1e6:.0f}
           f"= {total_batch_size:,} tokens/step")
 log.print(f"data: {data_dir}, {int(loader.reader.starts[-1]):,} train tokens in {len(loader.reader.files)} "
           f"shards, {val_data.tokens:,} val tokens" + (f"; resumed at step {step}" if step else ""))
+epochs = max_iters * total_batch_size / (loader.n_windows * block_size)  # the loader's epoch: its windows at stride T
+log.print(f"this run: {max_iters:,} steps x {total_batch_size:,} tokens = {max_iters * total_batch_size:,} tokens, "
+          f"{epochs:.3g} epochs of the train split")
+if epochs > 1:
+    log.print(f"warning: the run repeats the train split {epochs:.3g} times; prepare more tokens "
+              "(python data/fineweb_edu.py --max_tokens=...) or lower max_iters")
 if hellaswag_note:
     log.print(hellaswag_note)
 if init_from == "resume":  # a changed rate or schedule setting moves the learning rates under a resumed run's feet

@@ -16,6 +16,7 @@ import pytest
 import torch
 from helpers import REPO_ROOT as ROOT
 from helpers import (
+    SAMPLES,
     assert_one_line_error,
     load_model_namespace,
     metrics,
@@ -196,6 +197,19 @@ def test_smoke_run_writes_metrics_logs_code_and_a_weights_only_checkpoint(smoke_
     for module in (ROOT / "data").glob("*.py"):
         assert (smoke_run / "code" / "data" / module.name).read_text() == module.read_text()
     assert json.loads((smoke_run / "config.json").read_text())["max_iters"] == 6
+
+
+def test_the_log_says_how_many_epochs_the_run_takes_and_warns_above_one(tmp_path):
+    train(tmp_path / "short", "--max_iters=2")  # the bundled sample: 848 windows of 64 tokens, 512 tokens a step
+    log = (tmp_path / "short" / "log.txt").read_text()
+    assert "this run: 2 steps x 512 tokens = 1,024 tokens, 0.0189 epochs of the train split" in log
+    assert "warning: the run repeats" not in log
+    docs = tmp_path / "docs.jsonl"  # 4 documents: a train split a few steps cover
+    docs.write_text("".join((SAMPLES / "fineweb_edu_100.jsonl").read_text().splitlines(keepends=True)[:4]))
+    prep(["--source", str(docs), "--out_dir", str(tmp_path / "small"), "--val_fraction=0.3", "--num_proc=1"])
+    ns = train(tmp_path / "long", f"--data_dir={tmp_path / 'small'}", "--val_tokens=128", "--max_iters=8")
+    log = (tmp_path / "long" / "log.txt").read_text()
+    assert ns["epochs"] > 1 and f"warning: the run repeats the train split {ns['epochs']:.3g} times" in log
 
 
 def test_a_checkpoint_from_before_per_group_rates_resumes_at_the_rates_it_was_trained_with(tmp_path):
