@@ -34,6 +34,7 @@ from data.checkpoint import (
     OPTIMIZER_SETTINGS,
     RATES,
     check_resumable,
+    last_good_checkpoint,
     load_checkpoint,
     resolve_checkpoint,
     rng_states,
@@ -456,7 +457,7 @@ check_settings(config, positive=("batch_size", "gradient_accumulation_steps", "m
                                  "eval_interval", "checkpoint_interval", "sample_tokens"),
                non_negative=("block_size", "val_examples", "lr_scale", "warmup_iters", "lr_decay_iters", "grad_clip",
                              "sample_interval", "keep_last", "hellaswag_limit"),
-               fractions=("min_lr_frac",))
+               fractions=("min_lr_frac",), non_empty=("out_dir", "data_dir"))
 if not init_from:
     raise UserError("no base model: pass --init_from=PATH (a train_gpt.py checkpoint or run dir) or --init_from=resume")
 ddp, rank, world_size, device = init_distributed(device)
@@ -593,7 +594,7 @@ def write_checkpoint():
     """Everything a run needs to continue exactly, marked chat so sample.py uses the template.
     Blown-up weights (a non-finite norm) are never saved over a good checkpoint."""
     if not math.isfinite(param_norm(raw_model)):
-        log.print(f"step {step}: non-finite weight norm, not saved; the last good checkpoint is {out_dir}/ckpt.pt")
+        log.print(f"step {step}: non-finite weight norm, not saved; {last_good_checkpoint(out_dir)}")
         sys.exit(1)
     if master:
         save_checkpoint({
@@ -675,8 +676,8 @@ while True:
     # The NaN guard: one host sync per step, so a diverged step stops the run before it is ever saved.
     loss_value, norm_value = (loss_sum / n_total).item(), norm.item()
     if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-        log.print(f"step {step}: loss {loss_value}, grad norm {norm_value}: stopping; the last good checkpoint "
-                  f"is {out_dir}/ckpt.pt (try a lower learning rate or grad_clip)")
+        log.print(f"step {step}: loss {loss_value}, grad norm {norm_value}: stopping; {last_good_checkpoint(out_dir)} "
+                  "(try a lower learning rate or grad_clip)")
         sys.exit(1)
     if step % log_interval == 0 or step == max_iters:
         now = time.perf_counter()

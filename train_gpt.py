@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from data import UserError, one_line_errors
 from data.checkpoint import (
     check_resumable,
+    last_good_checkpoint,
     load_checkpoint,
     rng_states,
     save_checkpoint,
@@ -494,6 +495,7 @@ check_settings(config, positive=("n_layer", "n_head", "n_embd", "block_size", "b
                choices=dict(arch=("gpt2", "llama"), optimizer=("muon", "adamw"), lr_schedule=("cosine", "wsd"),
                             loader_mode=("shuffle", "random", "sequential")),
                fractions=("min_lr_frac", "decay_frac"),
+               non_empty=("out_dir", "data_dir"),
                below_one=("beta1", "beta2", "adam_beta1", "adam_beta2", "muon_momentum"))
 if n_embd % n_head:
     raise UserError(f"n_embd={n_embd} is not divisible by n_head={n_head}; pick n_head among the divisors of n_embd")
@@ -634,7 +636,7 @@ def write_checkpoint():
     """Everything a run needs to continue exactly. Blown-up weights are never saved over a good
     checkpoint: the fp32 norm overflows once any weight passes ~1e19, so this catches those too."""
     if not math.isfinite(param_norm(raw_model)):
-        log.print(f"step {step}: non-finite weight norm, not saved; the last good checkpoint is {out_dir}/ckpt.pt")
+        log.print(f"step {step}: non-finite weight norm, not saved; {last_good_checkpoint(out_dir)}")
         sys.exit(1)
     if master:
         save_checkpoint({
@@ -715,8 +717,8 @@ while True:
     # The NaN guard: one host sync per step, so a diverged step stops the run before it is ever saved.
     loss_value, norm_value = (loss_sum / grad_accum).item(), norm.item()
     if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-        log.print(f"step {step}: loss {loss_value}, grad norm {norm_value}: stopping; the last good checkpoint "
-                  f"is {out_dir}/ckpt.pt (try a lower learning rate or grad_clip)")
+        log.print(f"step {step}: loss {loss_value}, grad norm {norm_value}: stopping; {last_good_checkpoint(out_dir)} "
+                  "(try a lower learning rate or grad_clip)")
         sys.exit(1)
     if step % log_interval == 0 or step == max_iters:
         now = time.perf_counter()

@@ -121,6 +121,12 @@ OPTIMIZER_SETTINGS = (*RATES, "optimizer", "weight_decay", "beta1", "beta2", "mu
                       "muon_weight_decay", "lr_ref_width", "adam_beta1", "adam_beta2", "adam_eps", "adam_weight_decay")
 
 
+def last_good_checkpoint(out_dir):
+    """What a run that stops on non-finite numbers says about the checkpoint it leaves."""
+    path = Path(out_dir) / "ckpt.pt"
+    return f"the last good checkpoint is {path}" if path.is_file() else "no checkpoint was written before it"
+
+
 def upgrade_settings(saved):
     """A checkpoint's settings with the settings added since it was written, set as its run behaved.
     Before per-group learning rates (commit aa02ff6 and earlier), muon mode's AdamW ran every parameter

@@ -145,9 +145,11 @@ def parse_settings(namespace, argv, positional=None):
     return config
 
 
-def check_settings(config, positive=(), non_negative=(), choices=None, fractions=(), below_one=()):
+def check_settings(config, positive=(), non_negative=(), choices=None, fractions=(), below_one=(),
+                   non_empty=()):
     """One-line errors for settings out of range, before anything runs or is written. Every float must be
-    finite; fractions lie in [0, 1], below_one (betas, momentum) in [0, 1), a seed in numpy's [0, 2**32)."""
+    finite; fractions lie in [0, 1], below_one (betas, momentum) in [0, 1), a seed in numpy's [0, 2**32), and the
+    non_empty strings (out_dir, paths) hold something."""
     for key, value in config.items():
         if type(value) is float and not math.isfinite(value):
             raise UserError(f"--{key}={value}: must be a finite number")
@@ -164,6 +166,9 @@ def check_settings(config, positive=(), non_negative=(), choices=None, fractions
     for key in below_one:
         if not 0 <= config[key] < 1:
             raise UserError(f"--{key}={config[key]}: must lie in [0, 1)")
+    for key in non_empty:
+        if not config[key].strip():
+            raise UserError(f"--{key} is empty; give it a value such as {'logs/NAME' if key == 'out_dir' else 'a path'}")
     if "seed" in config and not 0 <= config["seed"] < 2**32:
         raise UserError(f"--seed={config['seed']}: must lie in [0, 2**32) (numpy's seeds)")
     for key, allowed in (choices or {}).items():

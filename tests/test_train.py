@@ -283,6 +283,14 @@ def test_two_rank_ddp_matches_one_rank_with_twice_the_accumulation(tmp_path):
             torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5, msg=name)  # 1% of a step
 
 
+def test_a_run_that_diverges_before_its_first_checkpoint_says_there_is_none(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        train(tmp_path / "run", "--max_iters=5", "--head_lr=1e30", "--muon_lr=1e30", "--embedding_lr=1e30")
+    out = capsys.readouterr().out
+    assert stopped.value.code == 1 and "stopping; no checkpoint was written before it" in out
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
 def test_nonfinite_loss_stops_without_touching_the_good_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
     train(out, "--max_iters=2")
@@ -327,6 +335,8 @@ BAD_SETTINGS = [
     (["--seed=1e30"], "--seed=1000000000000000019884624838656: must lie in [0, 2**32)"),
     (["--embedding_lr=-1"], "--embedding_lr=-1.0: must be 0 or more"),
     (["--muon_momentum_warmup=-3"], "--muon_momentum_warmup=-3: must be 0 or more"),
+    (["--out_dir="], "--out_dir is empty; give it a value such as logs/NAME"),
+    (["--data_dir= "], "--data_dir is empty"),
     (["--device=cuda"], "--device=cuda, but this torch"),
     (["--device=tpu"], "--device=tpu: use auto, cuda, cuda:N, mps or cpu"),
 ]
