@@ -168,7 +168,8 @@ def check_settings(config, positive=(), non_negative=(), choices=None, fractions
             raise UserError(f"--{key}={config[key]}: must lie in [0, 1)")
     for key in non_empty:
         if not config[key].strip():
-            raise UserError(f"--{key} is empty; give it a value such as {'logs/NAME' if key == 'out_dir' else 'a path'}")
+            example = "logs/NAME" if key == "out_dir" else "a path"
+            raise UserError(f"--{key} is empty; give it a value such as {example}")
     if "seed" in config and not 0 <= config["seed"] < 2**32:
         raise UserError(f"--seed={config['seed']}: must lie in [0, 2**32) (numpy's seeds)")
     for key, allowed in (choices or {}).items():
