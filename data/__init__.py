@@ -10,7 +10,10 @@
     fineweb_edu.py, sft_mix.py   data-prep scripts (no torch)
 """
 
+import os
+import socket
 import sys
+import urllib.parse
 
 
 class UserError(Exception):
@@ -33,3 +36,16 @@ def one_line_errors():
             default(kind, value, tb)
 
     sys.excepthook = hook
+
+
+def reach_hub(fix, timeout=5.0):
+    """Fail in one line within seconds when the Hugging Face Hub cannot be reached (no network), instead of
+    after the downloader's minute of retries. HF_HUB_OFFLINE=1 skips this: the local cache serves."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return
+    host = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise UserError(f"cannot reach the Hugging Face Hub at {host} ({reason}); {fix}") from None

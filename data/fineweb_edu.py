@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from data import UserError, one_line_errors  # noqa: E402
+from data import UserError, one_line_errors, reach_hub  # noqa: E402
 from data.shards import prep_id, remove_stale, start_manifest, write_manifest, write_shard  # noqa: E402
 from data.tokenizer import EOT, get_tokenizer  # noqa: E402
 
@@ -146,6 +146,7 @@ def open_files(files):
 
 
 def open_hub():
+    reach_hub("to use local files pass --source PATH_OR_GLOB (.jsonl, .parquet or .txt)")
     try:
         import datasets
 

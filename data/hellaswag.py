@@ -30,15 +30,21 @@ HELLASWAG_SAMPLE = REPO_ROOT / "data/samples/hellaswag_val_200.jsonl"  # the fir
 
 
 def download_hellaswag(path):
-    """Fetch the validation set to path through a temp file, so an interrupted download leaves nothing behind."""
+    """Fetch the validation set to path through a temp file, so a failed or interrupted download leaves
+    nothing behind, not even the folder it made."""
+    made = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     print(f"downloading {HELLASWAG_URL} to {path}")
     try:
         with urllib.request.urlopen(HELLASWAG_URL, timeout=60) as response, open(tmp, "wb") as f:
             shutil.copyfileobj(response, f)
-    except OSError as e:
+    except (OSError, KeyboardInterrupt) as e:
         tmp.unlink(missing_ok=True)
+        for d in made:  # innermost first
+            d.rmdir()
+        if isinstance(e, KeyboardInterrupt):
+            raise
         raise UserError(f"could not download HellaSwag from {HELLASWAG_URL} ({e}); fetch the file some other way "
                         "and pass --data=PATH") from None
     os.replace(tmp, path)

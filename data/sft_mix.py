@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from data import UserError, one_line_errors  # noqa: E402
+from data import UserError, one_line_errors, reach_hub  # noqa: E402
 from data.fineweb_edu import as_tokenized  # noqa: E402
 from data.shards import prep_id, remove_stale, start_manifest, write_examples, write_manifest  # noqa: E402
 from data.tokenizer import EOT, render_chat  # noqa: E402
@@ -113,6 +113,8 @@ def parse_line(line):
 def download(source):
     """The rows of a source from the Hugging Face Hub (smoltalk, alpaca) or GitHub (raschka)."""
     where = HUB.get(source, RASCHKA_URL)
+    if source != "raschka":
+        reach_hub(f"to use a local copy pass --{source} PATH (.jsonl, .json or .parquet)")
     try:
         if source == "raschka":
             with urllib.request.urlopen(RASCHKA_URL, timeout=60) as response:

@@ -364,3 +364,31 @@ def test_sft_mix_duplicates_are_judged_as_the_tokenizer_sees_them(tmp_path):
     s = sft_mix.main(["--sources=raschka", f"--raschka={tmp_path / 'rows.json'}", f"--out_dir={tmp_path / 'out'}",
                       "--val_fraction=0.25"])
     assert s["sources"]["raschka"]["duplicate"] == 4 and s["train_examples"] + s["val_examples"] == 4
+
+
+# ----------------------------------------------------------------------------- offline: one line, at once
+
+
+@pytest.mark.parametrize("prep", ["fineweb_edu", "sft_mix"])
+def test_an_unreachable_hub_is_one_line_before_any_retry(prep, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")  # .invalid never resolves (RFC 2606)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    out = tmp_path / "out"
+    with pytest.raises(UserError) as e:
+        if prep == "fineweb_edu":
+            main(["--out_dir", str(out)])
+        else:
+            sft_mix.main(["--sources=smoltalk", "--out_dir", str(out)])
+    message = str(e.value)
+    assert message.startswith("cannot reach the Hugging Face Hub at hub.invalid") and "\n" not in message
+    assert ("--source PATH_OR_GLOB" if prep == "fineweb_edu" else "--smoltalk PATH") in message
+    assert not out.exists()
+
+
+def test_a_failed_hellaswag_download_leaves_no_folder(tmp_path, monkeypatch):
+    import data.hellaswag as hellaswag
+
+    monkeypatch.setattr(hellaswag, "HELLASWAG_URL", "https://hellaswag.invalid/hellaswag_val.jsonl")
+    with pytest.raises(UserError, match="could not download HellaSwag"):
+        hellaswag.download_hellaswag(tmp_path / "data" / "hellaswag" / "hellaswag_val.jsonl")
+    assert list(tmp_path.iterdir()) == []
