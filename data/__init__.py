@@ -14,6 +14,9 @@ import os
 import socket
 import sys
 import urllib.parse
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent  # the scripts run from here
 
 
 class UserError(Exception):

@@ -25,9 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import UserError
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from data import REPO_ROOT, UserError
 
 
 def rng_states():

@@ -20,8 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import UserError
-from data.run import REPO_ROOT
+from data import REPO_ROOT, UserError
 from data.tokenizer import EOT, get_tokenizer
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"

@@ -17,9 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import UserError
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from data import REPO_ROOT, UserError
 
 ARCHITECTURE = ("arch", "n_layer", "n_head", "n_embd", "qk_norm", "logit_softcap")
 

@@ -14,9 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data import UserError, one_line_errors  # noqa: E402
+from data import REPO_ROOT, UserError, one_line_errors  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 SOURCE = "train_gpt.py"
 COPIES = ("finetune_sft.py", "sample.py", "eval_hellaswag.py", "export_hf.py")
 RULE = "# " + "-" * 77
