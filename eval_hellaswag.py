@@ -243,13 +243,13 @@ class GPT(nn.Module):
         """The optimizers of settings s (train_gpt.py's names). optimizer="adamw": nanoGPT's recipe, AdamW
         at learning_rate (betas beta1, beta2) for every parameter, weight_decay on matrices and embeddings.
         optimizer="muon": torch.optim.Muon (muon_lr, muon_momentum, muon_weight_decay) for the 2-D matrices
-        inside the blocks, and AdamW (adam_beta1, adam_beta2, adam_eps) for the rest, in three groups at
-        their own peaks: the embeddings (llama's token embedding, gpt2's positions) at embedding_lr, the
-        head (the unembedding; gpt2's tied wte is the head) at head_lr, both with adam_weight_decay, and
-        the gains and biases at scalar_lr. embedding_lr and head_lr are tuned at n_embd = lr_ref_width:
-        other widths scale them by sqrt(lr_ref_width / n_embd) (nanochat's rule; 0 = no scaling). Muon's
-        update is orthogonalised, the same size at every width; torch.optim.Muon scales each matrix's
-        rate by sqrt(max(1, rows/cols)) itself."""
+        inside the blocks, and AdamW (adam_beta1, adam_beta2, adam_eps) for the rest, in groups at their own
+        peaks: the token embedding at embedding_lr (gpt2's is tied to the head: it gets this rate too), an
+        untied head (llama) at head_lr, both with adam_weight_decay, and the rest (gpt2's positions, gains,
+        biases) at scalar_lr. embedding_lr and head_lr are tuned at n_embd = lr_ref_width: other widths
+        scale them by sqrt(lr_ref_width / n_embd) (nanochat's rule; 0 = no scaling). Muon's update is
+        orthogonalised, the same size at every width; torch.optim.Muon scales each matrix's rate by
+        sqrt(max(1, rows/cols)) itself."""
         fused = next(self.parameters()).device.type == "cuda"
         params = dict(self.named_parameters())  # a tied head appears once, as transformer.wte.weight
         if s["optimizer"] == "adamw":
@@ -260,14 +260,15 @@ class GPT(nn.Module):
         if s["optimizer"] != "muon":
             raise UserError(f"optimizer={s['optimizer']!r}: use 'muon' or 'adamw'")
         hidden = [p for n, p in params.items() if n.startswith("transformer.h.") and p.dim() == 2]
-        head = "lm_head.weight" if "lm_head.weight" in params else "transformer.wte.weight"
-        embeddings = [p for n, p in params.items() if n in ("transformer.wte.weight", "transformer.wpe.weight")
-                      and n != head]
-        scalars = [p for p in params.values() if p.dim() < 2]
         width = (s["lr_ref_width"] / self.config.n_embd) ** 0.5 if s["lr_ref_width"] else 1.0
-        groups = [dict(params=embeddings, lr=s["embedding_lr"] * width, weight_decay=s["adam_weight_decay"]),
-                  dict(params=[params[head]], lr=s["head_lr"] * width, weight_decay=s["adam_weight_decay"]),
-                  dict(params=scalars, lr=s["scalar_lr"], weight_decay=0.0)]
+        groups = [dict(params=[params["transformer.wte.weight"]], lr=s["embedding_lr"] * width,
+                       weight_decay=s["adam_weight_decay"]),
+                  dict(params=[p for n, p in params.items() if n not in ("transformer.wte.weight", "lm_head.weight")
+                               and not (n.startswith("transformer.h.") and p.dim() == 2)],
+                       lr=s["scalar_lr"], weight_decay=0.0)]
+        if "lm_head.weight" in params:  # untied (llama)
+            groups.append(dict(params=[params["lm_head.weight"]], lr=s["head_lr"] * width,
+                               weight_decay=s["adam_weight_decay"]))
         return [torch.optim.AdamW(groups, betas=(s["adam_beta1"], s["adam_beta2"]), eps=s["adam_eps"], fused=fused),
                 torch.optim.Muon(hidden, lr=s["muon_lr"], momentum=s["muon_momentum"],
                                  weight_decay=s["muon_weight_decay"])]

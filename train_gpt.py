@@ -32,7 +32,7 @@ from data.checkpoint import (
     rng_states,
     save_checkpoint,
     set_rng_states,
-    upgrade_optimizer_states,
+    upgrade_optimizers,
 )
 from data.hellaswag import hellaswag_score, load_hellaswag
 from data.loaders import BatchLoader, ValData
@@ -71,19 +71,18 @@ total_batch_size = 524288  # tokens per optimizer step: 2**19 ~ 0.5M, GPT-3 smal
 val_tokens = 10485760  # fixed val set: 20 * 2**19 tokens, the same ones at every eval
 # optimizer: peak learning rates per group (the schedule below scales them all alike)
 optimizer = "muon"  # "muon": Muon for the block matrices, AdamW per group for the rest; "adamw": nanoGPT's recipe
-muon_lr = 0.02  # block matrices; torch.optim.Muon scales each by sqrt(max(1, rows/cols)) (Keller Jordan's rule)
+muon_lr = 0.04  # block matrices; torch.optim.Muon scales each by sqrt(max(1, rows/cols)) (Keller Jordan's rule)
 muon_momentum = 0.95  # Muon's Nesterov momentum
-muon_momentum_warmup = 300  # steps over which the momentum rises from 0.85 to muon_momentum (modded-nanogpt); 0 = off
+muon_momentum_warmup = 0  # steps over which the momentum rises from 0.85 to muon_momentum (modded-nanogpt); 0 = off
 muon_weight_decay = 0.0
-embedding_lr = 0.3  # AdamW: the token embedding (llama) or the position embedding (gpt2)
-head_lr = 0.004  # AdamW: the unembedding; gpt2's head is tied to the token embedding, which so gets this rate too
-scalar_lr = 0.01  # AdamW: norm gains and biases
+embedding_lr = 0.3  # AdamW: the token embedding; gpt2's is tied to the head and gets this rate too
+head_lr = 0.004  # AdamW: an untied head (llama's unembedding)
+scalar_lr = 0.03  # AdamW: the rest: gpt2's position embedding, norm gains, biases
 lr_ref_width = 768  # embedding_lr and head_lr suit n_embd=768; width W gets them x sqrt(768 / W) (nanochat); 0 = off
 adam_beta1 = 0.8  # AdamW's betas and eps in muon mode (nanochat's and modded-nanogpt's)
 adam_beta2 = 0.95
 adam_eps = 1e-10
 adam_weight_decay = 0.0  # on the embeddings and head; never on gains or biases
-zero_init_proj = False  # EXPERIMENT: zero the blocks' output projections at init (modded-nanogpt, nanochat)
 learning_rate = 6e-4  # optimizer="adamw" only: every parameter (nanoGPT's recipe, with the next three)
 weight_decay = 0.1  # optimizer="adamw" only: on matrices and embeddings
 beta1 = 0.9  # optimizer="adamw" only
@@ -343,13 +342,13 @@ class GPT(nn.Module):
         """The optimizers of settings s (train_gpt.py's names). optimizer="adamw": nanoGPT's recipe, AdamW
         at learning_rate (betas beta1, beta2) for every parameter, weight_decay on matrices and embeddings.
         optimizer="muon": torch.optim.Muon (muon_lr, muon_momentum, muon_weight_decay) for the 2-D matrices
-        inside the blocks, and AdamW (adam_beta1, adam_beta2, adam_eps) for the rest, in three groups at
-        their own peaks: the embeddings (llama's token embedding, gpt2's positions) at embedding_lr, the
-        head (the unembedding; gpt2's tied wte is the head) at head_lr, both with adam_weight_decay, and
-        the gains and biases at scalar_lr. embedding_lr and head_lr are tuned at n_embd = lr_ref_width:
-        other widths scale them by sqrt(lr_ref_width / n_embd) (nanochat's rule; 0 = no scaling). Muon's
-        update is orthogonalised, the same size at every width; torch.optim.Muon scales each matrix's
-        rate by sqrt(max(1, rows/cols)) itself."""
+        inside the blocks, and AdamW (adam_beta1, adam_beta2, adam_eps) for the rest, in groups at their own
+        peaks: the token embedding at embedding_lr (gpt2's is tied to the head: it gets this rate too), an
+        untied head (llama) at head_lr, both with adam_weight_decay, and the rest (gpt2's positions, gains,
+        biases) at scalar_lr. embedding_lr and head_lr are tuned at n_embd = lr_ref_width: other widths
+        scale them by sqrt(lr_ref_width / n_embd) (nanochat's rule; 0 = no scaling). Muon's update is
+        orthogonalised, the same size at every width; torch.optim.Muon scales each matrix's rate by
+        sqrt(max(1, rows/cols)) itself."""
         fused = next(self.parameters()).device.type == "cuda"
         params = dict(self.named_parameters())  # a tied head appears once, as transformer.wte.weight
         if s["optimizer"] == "adamw":
@@ -360,14 +359,15 @@ class GPT(nn.Module):
         if s["optimizer"] != "muon":
             raise UserError(f"optimizer={s['optimizer']!r}: use 'muon' or 'adamw'")
         hidden = [p for n, p in params.items() if n.startswith("transformer.h.") and p.dim() == 2]
-        head = "lm_head.weight" if "lm_head.weight" in params else "transformer.wte.weight"
-        embeddings = [p for n, p in params.items() if n in ("transformer.wte.weight", "transformer.wpe.weight")
-                      and n != head]
-        scalars = [p for p in params.values() if p.dim() < 2]
         width = (s["lr_ref_width"] / self.config.n_embd) ** 0.5 if s["lr_ref_width"] else 1.0
-        groups = [dict(params=embeddings, lr=s["embedding_lr"] * width, weight_decay=s["adam_weight_decay"]),
-                  dict(params=[params[head]], lr=s["head_lr"] * width, weight_decay=s["adam_weight_decay"]),
-                  dict(params=scalars, lr=s["scalar_lr"], weight_decay=0.0)]
+        groups = [dict(params=[params["transformer.wte.weight"]], lr=s["embedding_lr"] * width,
+                       weight_decay=s["adam_weight_decay"]),
+                  dict(params=[p for n, p in params.items() if n not in ("transformer.wte.weight", "lm_head.weight")
+                               and not (n.startswith("transformer.h.") and p.dim() == 2)],
+                       lr=s["scalar_lr"], weight_decay=0.0)]
+        if "lm_head.weight" in params:  # untied (llama)
+            groups.append(dict(params=[params["lm_head.weight"]], lr=s["head_lr"] * width,
+                               weight_decay=s["adam_weight_decay"]))
         return [torch.optim.AdamW(groups, betas=(s["adam_beta1"], s["adam_beta2"]), eps=s["adam_eps"], fused=fused),
                 torch.optim.Muon(hidden, lr=s["muon_lr"], momentum=s["muon_momentum"],
                                  weight_decay=s["muon_weight_decay"])]
@@ -543,10 +543,6 @@ elif init_from.startswith("gpt2"):
     model = GPT.from_pretrained(init_from)
 else:
     raise UserError(f"init_from={init_from!r}: use scratch, resume or a GPT-2 name such as gpt2")
-if init_from == "scratch" and zero_init_proj:
-    for name, p in model.named_parameters():
-        if name.endswith("c_proj.weight"):
-            nn.init.zeros_(p)
 if model.config.block_size < block_size:
     raise UserError(f"block_size={block_size} is longer than the model's {model.config.block_size}")
 model.to(device)
@@ -556,6 +552,8 @@ model.to(device)
 #   model      compiled, wrapped in DDP under torchrun: the training forward, which all-reduces gradients
 raw_model = model
 optimizers = raw_model.configure_optimizers(config)  # the optimizer settings above
+if checkpoint is not None:  # one saved before per-group rates resumes in its own AdamW layout
+    optimizers = upgrade_optimizers(checkpoint, raw_model, optimizers)
 base_lrs = [[group["lr"] for group in opt.param_groups] for opt in optimizers]  # this run's peaks, scaled each step
 if compile and device_type == "cuda":
     model = torch.compile(model)
@@ -567,7 +565,7 @@ step, best_val_loss, evals_done_at = 0, float("inf"), -1
 if checkpoint is not None:
     # Resume: the optimizer moments, the loader's position and every RNG continue where the run stopped,
     # so the resumed run takes bitwise the steps the uninterrupted one would have taken.
-    for opt, state in zip(optimizers, upgrade_optimizer_states(checkpoint, raw_model, optimizers), strict=True):
+    for opt, state in zip(optimizers, checkpoint["optimizers"], strict=True):
         opt.load_state_dict(state)
     loader.load_state_dict(checkpoint["loader"])
     set_rng_states(checkpoint["rng"])

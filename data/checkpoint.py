@@ -14,7 +14,7 @@ A checkpoint is a dict of plain tensors and types, loadable with torch.load(weig
     rng            python, numpy, torch and cuda RNG states (rng_states below)
 
 A checkpoint written by an older version resumes as it would have run there: upgrade_settings and
-upgrade_optimizer_states restate its settings and optimizer states in today's terms.
+upgrade_optimizers restate its settings and optimizer states in today's terms.
 """
 
 import os
@@ -139,29 +139,22 @@ def upgrade_settings(saved):
     return saved
 
 
-def upgrade_optimizer_states(ckpt, model, optimizers):
-    """ckpt["optimizers"] laid out for `optimizers` (built by configure_optimizers from the upgraded
-    settings). Before per-group rates, muon mode's AdamW held two groups, the 2-D parameters outside the
-    blocks and the 1-D ones, where today it holds three (embeddings, head, scalars). Each parameter
-    keeps its moments and step count; each group takes the settings of the old group it came from."""
-    states = ckpt["optimizers"]
-    adamw = optimizers[0]
-    if len(optimizers) != 2 or len(states[0]["param_groups"]) == len(adamw.param_groups):
-        return states
-    named = dict(model.named_parameters())
-    outside = [n for n, p in named.items() if not (n.startswith("transformer.h.") and p.dim() == 2)]
-    old = [n for n in outside if named[n].dim() >= 2] + [n for n in outside if named[n].dim() < 2]
-    old_group = {n: 0 if named[n].dim() >= 2 else 1 for n in old}
-    name_of = {id(p): n for n, p in named.items()}
-    state, groups, i = {}, [], 0
-    for group in adamw.param_groups:
-        names = [name_of[id(p)] for p in group["params"]]
-        groups.append({**states[0]["param_groups"][old_group[names[0]]], "params": list(range(i, i + len(names)))})
-        for n in names:
-            if old.index(n) in states[0]["state"]:
-                state[i] = states[0]["state"][old.index(n)]
-            i += 1
-    return [{"state": state, "param_groups": groups}, *states[1:]]
+def upgrade_optimizers(ckpt, model, optimizers):
+    """The optimizers that resume ckpt: `optimizers` (configure_optimizers' for the upgraded settings), unless
+    the checkpoint predates per-group rates. Its AdamW then held two groups, the 2-D parameters outside the
+    blocks and the 1-D ones, all at learning_rate: that AdamW is rebuilt in that layout, so the saved moments
+    and group settings (betas, eps, weight decay) load as they were."""
+    saved = ckpt["optimizers"][0]["param_groups"]
+    sizes = [len(g["params"]) for g in saved]
+    if len(optimizers) != 2 or sizes == [len(g["params"]) for g in optimizers[0].param_groups]:
+        return optimizers
+    outside = [p for n, p in model.named_parameters() if not (n.startswith("transformer.h.") and p.dim() == 2)]
+    layout = [[p for p in outside if p.dim() >= 2], [p for p in outside if p.dim() < 2]]
+    if [len(ps) for ps in layout] != sizes:
+        raise UserError("the checkpoint's AdamW groups fit neither today's layout nor the one before per-group rates")
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": ps, "lr": ckpt["config"]["learning_rate"]}
+              for g, ps in zip(saved, layout, strict=True)]
+    return [torch.optim.AdamW(groups), optimizers[1]]
 
 
 def check_resumable(ckpt, path):

@@ -344,7 +344,7 @@ def test_fine_tune_takes_the_base_runs_recipe_with_its_rates_times_lr_scale(rasc
                     f"--data_dir={raschka_mix}", f"--out_dir={out}", "--device=cpu", "--max_iters=1",
                     "--lr_scale=0.5", "--sample_interval=0", "--eval_interval=1000")
     adam_lrs, muon_lrs = ns["base_lrs"]
-    assert adam_lrs == pytest.approx([0.2, 0.006, 0.01]) and muon_lrs == [0.015]  # x 0.5, and x 2 for the width
+    assert adam_lrs == pytest.approx([0.2, 0.01]) and muon_lrs == [0.015]  # x 0.5, and x 2 for the width
     adamw, muon = ns["optimizers"]
     assert adamw.defaults["betas"][0] == 0.7 and adamw.defaults["eps"] == 1e-9 and muon.defaults["momentum"] == 0.9
     saved = json.loads((out / "config.json").read_text())
