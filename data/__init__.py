@@ -41,7 +41,7 @@ def one_line_errors():
     sys.excepthook = hook
 
 
-def reach_hub(fix, timeout=5.0):
+def reach_hub(dataset, fix, timeout=5.0):
     """Fail in one line within seconds when the Hugging Face Hub cannot be reached (no network), instead of
     after the downloader's minute of retries. HF_HUB_OFFLINE=1 skips this: the local cache serves."""
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
@@ -51,4 +51,4 @@ def reach_hub(fix, timeout=5.0):
         socket.create_connection((host, 443), timeout=timeout).close()
     except OSError as e:
         reason = e.strerror or type(e).__name__
-        raise UserError(f"cannot reach the Hugging Face Hub at {host} ({reason}); {fix}") from None
+        raise UserError(f"cannot reach the Hugging Face Hub at {host} for {dataset} ({reason}); {fix}") from None

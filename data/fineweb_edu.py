@@ -146,7 +146,7 @@ def open_files(files):
 
 
 def open_hub():
-    reach_hub("to use local files pass --source PATH_OR_GLOB (.jsonl, .parquet or .txt)")
+    reach_hub(HF_DATASET, "to use local files pass --source PATH_OR_GLOB (.jsonl, .parquet or .txt)")
     try:
         import datasets
 

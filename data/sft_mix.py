@@ -114,7 +114,7 @@ def download(source):
     """The rows of a source from the Hugging Face Hub (smoltalk, alpaca) or GitHub (raschka)."""
     where = HUB.get(source, RASCHKA_URL)
     if source != "raschka":
-        reach_hub(f"to use a local copy pass --{source} PATH (.jsonl, .json or .parquet)")
+        reach_hub(HUB[source], f"to use a local copy pass --{source} PATH (.jsonl, .json or .parquet)")
     try:
         if source == "raschka":
             with urllib.request.urlopen(RASCHKA_URL, timeout=60) as response:
