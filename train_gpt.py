@@ -75,8 +75,8 @@ muon_lr = 0.04  # block matrices; torch.optim.Muon scales each by sqrt(max(1, ro
 muon_momentum = 0.95  # Muon's Nesterov momentum
 muon_momentum_warmup = 0  # steps over which the momentum rises from 0.85 to muon_momentum (modded-nanogpt); 0 = off
 muon_weight_decay = 0.0
-embedding_lr = 0.3  # AdamW: the token embedding; gpt2's is tied to the head and gets this rate too
-head_lr = 0.004  # AdamW: an untied head (llama's unembedding)
+embedding_lr = 0.1  # AdamW: the token embedding; gpt2's is tied to the head and gets this rate too
+head_lr = 0.008  # AdamW: an untied head (llama's unembedding)
 scalar_lr = 0.03  # AdamW: the rest: gpt2's position embedding, norm gains, biases
 lr_ref_width = 768  # embedding_lr and head_lr suit n_embd=768; width W gets them x sqrt(768 / W) (nanochat); 0 = off
 adam_beta1 = 0.8  # AdamW's betas and eps in muon mode (nanochat's and modded-nanogpt's)
