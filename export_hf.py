@@ -36,6 +36,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import UserError, one_line_errors
+from data import REPO_ROOT, UserError, one_line_errors
 from data.checkpoint import load_checkpoint, resolve_checkpoint
 from data.settings import check_settings, parse_settings
 from data.tokenizer import ASSISTANT, EOT, USER, VOCAB_SIZE, get_tokenizer
@@ -660,12 +661,23 @@ def check_folder(folder, model, chat, save_dtype):
     return diff
 
 
+def interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM too runs the export's clean-up, so no half-written folder stays
+
+
 # ----------------------------------------------------------------------------- main
 check_settings(config, choices=dict(save_dtype=("float32", "bfloat16")))
 ckpt_path = resolve_checkpoint(ckpt)
 out = Path(out_dir or Path("hf") / Path(ckpt_path).resolve().parent.name)
 if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
     raise UserError(f"out_dir={out} already exists; pass --overwrite to replace it, or pick another --out_dir")
+if out.is_dir() and overwrite:  # --overwrite replaces an earlier export, never a run, a checkpoint or the repo
+    holds = [p for p in (ckpt_path.resolve().parent, REPO_ROOT) if out.resolve() in (p, *p.parents)]
+    runs = next((p for p in out.rglob("*") if p.suffix == ".pt" or p.name in ("metrics.jsonl", "log.txt", ".git")),
+                None)
+    if holds or runs:
+        raise UserError(f"out_dir={out} holds {holds[0] if holds else runs}, which --overwrite would delete; "
+                        "export to another --out_dir")
 checkpoint = load_checkpoint(ckpt_path, "cpu")
 model = GPT.from_checkpoint(checkpoint, ckpt_path).eval()
 refuse_unsupported(model.config, ckpt_path)
@@ -681,6 +693,7 @@ transformers.logging.disable_progress_bar()  # nor its bars over one file
 
 # Written next to out_dir and moved into place at the end: an export that fails leaves nothing behind.
 started = time.time()
+signal.signal(signal.SIGTERM, interrupt)
 out.parent.mkdir(parents=True, exist_ok=True)
 tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
 try:

@@ -5,6 +5,8 @@ import json
 import math
 import os
 import runpy
+import signal
+import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -55,12 +57,13 @@ def export_namespace():
 
 def export(*args):
     """Run export_hf.py in this process (torch and transformers are imported once) with these flags."""
-    old_argv, old_hook = sys.argv, sys.excepthook
+    old_argv, old_hook, old_term = sys.argv, sys.excepthook, signal.getsignal(signal.SIGTERM)
     sys.argv = [str(SCRIPT), *args]
     try:
         runpy.run_path(str(SCRIPT), run_name="__main__")
     finally:
         sys.argv, sys.excepthook = old_argv, old_hook
+        signal.signal(signal.SIGTERM, old_term)
 
 
 def make_checkpoint(run_dir, arch, chat=False, seed=0, **config):
@@ -242,3 +245,31 @@ def test_existing_out_dir_is_kept_unless_overwrite(tmp_path):
     export(f"--ckpt={tmp_path / 'run'}", f"--out_dir={tmp_path / 'hf'}", "--overwrite", "--check=False")
     assert not (tmp_path / "hf" / "mine.txt").exists() and (tmp_path / "hf" / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "run"]  # no temp or old folder left
+
+
+@pytest.mark.parametrize("where", ["the run dir", "above the run", "a folder holding a checkpoint"])
+def test_overwrite_never_removes_a_run_or_a_checkpoint(tmp_path, where):
+    make_checkpoint(tmp_path / "logs" / "run", "gpt2")
+    (tmp_path / "logs" / "run" / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "other").mkdir()
+    torch.save({}, tmp_path / "other" / "ckpt_0000100.pt")
+    out = {"the run dir": tmp_path / "logs" / "run", "above the run": tmp_path / "logs",
+           "a folder holding a checkpoint": tmp_path / "other"}[where]
+    before = sorted(p for p in tmp_path.rglob("*"))
+    with pytest.raises(UserError, match="which --overwrite would delete") as e:
+        export(f"--ckpt={tmp_path / 'logs' / 'run'}", f"--out_dir={out}", "--overwrite", "--check=False")
+    assert "\n" not in str(e.value) and sorted(p for p in tmp_path.rglob("*")) == before
+
+
+def test_sigterm_during_an_export_leaves_nothing(tmp_path):
+    """The signal arrives as the finished folder is moved into place (os.replace, wrapped to send it first)."""
+    make_checkpoint(tmp_path / "run", "gpt2")
+    wrapper = ("import os, runpy, signal, sys\nreal = os.replace\n"
+               "def replace(a, b):\n    os.kill(os.getpid(), signal.SIGTERM)\n    return real(a, b)\n"
+               f"os.replace = replace\nsys.argv = [{str(SCRIPT)!r}, {'--ckpt=' + str(tmp_path / 'run')!r}, "
+               f"{'--out_dir=' + str(tmp_path / 'hf')!r}, '--check=False']\n"
+               f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')\n")
+    result = subprocess.run([sys.executable, "-c", wrapper], cwd=SCRIPT.parent, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode != 0 and result.stderr.strip().splitlines()[-1] == "interrupted", result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no hf/, no hf.tmpPID/
