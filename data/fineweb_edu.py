@@ -26,11 +26,11 @@ duplicates share a split, and a document is never cut across splits. Once val
 holds --val_tokens (if set), later val documents are skipped and counted, never
 sent to train. Each split is written as shards of exactly --shard_size tokens
 (the last one partial): train_000000.bin, ..., val_000000.bin, ...
-manifest.json (see data/shards.py) first says the run has not finished and is
-rewritten last to list the shards, so the loaders refuse the dir until a run has
-finished; shards of an earlier run that this run did not overwrite are deleted. An interrupted or
-changed run is fixed by running it again. The same inputs and arguments give
-byte-identical files, whatever --num_proc is.
+manifest.json (see data/shards.py) lists them. The prep writes into a folder beside
+--out_dir and swaps it in whole when done, so a refused, failed or interrupted prep
+leaves the earlier one usable, and a second prep into the same dir meanwhile is
+refused. Files in --out_dir that are not a prep's own stay. The same inputs and
+arguments give byte-identical files, whatever --num_proc is.
 """
 
 import argparse
@@ -51,7 +51,7 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from data import UserError, one_line_errors, reach_hub  # noqa: E402
-from data.shards import prep_id, remove_stale, start_manifest, write_manifest, write_shard  # noqa: E402
+from data.shards import prep_id, staged_prep, write_manifest, write_shard  # noqa: E402
 from data.tokenizer import EOT, get_tokenizer  # noqa: E402
 
 MADE_BY = "data/fineweb_edu.py"  # recorded in the manifest: the fix a loader names is re-running it
@@ -297,68 +297,66 @@ def main(argv=None):
     settings = {k: getattr(args, k) for k in ("source", "shard_size", "max_tokens", "val_fraction", "val_tokens",
                                               "seed")}
     pid = prep_id(MADE_BY, settings)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    start_manifest(out_dir, MADE_BY, settings, pid)  # until write_manifest, the loaders refuse this dir
-    writers = {split: ShardWriter(out_dir, split, args.shard_size, pid) for split in ("train", "val")}
-    empty = total = val_full = 0
-    malformed = []
-    stopped = False
-    tokenize = partial(tokenize_chunk, seed=args.seed)
-    pool = Pool(args.num_proc) if args.num_proc > 1 else None
-    try:
-        # imap keeps document order, and reads ahead only as far as the task pipe holds, so memory stays bounded
-        results = (pool.imap if pool else map)(tokenize, chunked(docs, args.chunk_docs))
-        with tqdm(total=args.max_tokens or None, unit="tok", unit_scale=True, desc="tokenizing") as bar:
-            for result in results:
-                for doc in result:
-                    if doc is None:
-                        empty += 1
-                    elif isinstance(doc, Malformed):
-                        malformed.append(doc)
-                    else:
-                        u, tokens = doc
-                        if u >= args.val_fraction:
-                            writers["train"].add(tokens)
-                        elif not args.val_tokens or writers["val"].tokens < args.val_tokens:
-                            writers["val"].add(tokens)
-                        else:  # a val document once val is full: in train its copies would leak val
-                            val_full += 1
-                            continue
-                        total += len(tokens)
-                        bar.update(len(tokens))
-                        if args.max_tokens and total >= args.max_tokens:
-                            stopped = True
-                            break
-                if stopped:
-                    break
-    finally:
-        if pool:
-            pool.terminate()  # also stops workers still busy with read-ahead past --max_tokens
+    with staged_prep(out_dir) as (stage, stale):  # out_dir changes only when the prep has finished
+        writers = {split: ShardWriter(stage, split, args.shard_size, pid) for split in ("train", "val")}
+        empty = total = val_full = 0
+        malformed = []
+        stopped = False
+        tokenize = partial(tokenize_chunk, seed=args.seed)
+        pool = Pool(args.num_proc) if args.num_proc > 1 else None
+        try:
+            # imap keeps document order, and reads ahead only as far as the task pipe holds, so memory stays bounded
+            results = (pool.imap if pool else map)(tokenize, chunked(docs, args.chunk_docs))
+            with tqdm(total=args.max_tokens or None, unit="tok", unit_scale=True, desc="tokenizing") as bar:
+                for result in results:
+                    for doc in result:
+                        if doc is None:
+                            empty += 1
+                        elif isinstance(doc, Malformed):
+                            malformed.append(doc)
+                        else:
+                            u, tokens = doc
+                            if u >= args.val_fraction:
+                                writers["train"].add(tokens)
+                            elif not args.val_tokens or writers["val"].tokens < args.val_tokens:
+                                writers["val"].add(tokens)
+                            else:  # a val document once val is full: in train its copies would leak val
+                                val_full += 1
+                                continue
+                            total += len(tokens)
+                            bar.update(len(tokens))
+                            if args.max_tokens and total >= args.max_tokens:
+                                stopped = True
+                                break
+                    if stopped:
+                        break
+        finally:
+            if pool:
+                pool.terminate()  # also stops workers still busy with read-ahead past --max_tokens
 
-    train, val = writers["train"], writers["val"]
-    docs_read = train.docs + val.docs + val_full + empty + len(malformed)
-    if total == 0:
-        raise UserError(
-            f"no text to tokenize: {docs_read} documents read, {empty} empty, {len(malformed)} malformed"
-            + (f" (e.g. {malformed[0].where}: {malformed[0].why})" if malformed else "")
-        )
-    for w in writers.values():
-        w.flush()
-    counts = {
-        "docs_read": docs_read,
-        "train_docs": train.docs,
-        "val_docs": val.docs,
-        "val_full_skipped": val_full,
-        "empty_skipped": empty,
-        "malformed": len(malformed),
-        "train_tokens": train.tokens,
-        "val_tokens": val.tokens,
-        "train_shards": len(train.written),
-        "val_shards": len(val.written),
-        "stopped_at_max_tokens": stopped,
-    }
-    stale = [name for split, w in writers.items() for name in remove_stale(out_dir, split, w.written)]
-    write_manifest(out_dir, {**train.written, **val.written}, MADE_BY, settings, counts, pid)
+        train, val = writers["train"], writers["val"]
+        docs_read = train.docs + val.docs + val_full + empty + len(malformed)
+        if total == 0:
+            raise UserError(
+                f"no text to tokenize: {docs_read} documents read, {empty} empty, {len(malformed)} malformed"
+                + (f" (e.g. {malformed[0].where}: {malformed[0].why})" if malformed else "")
+            )
+        for w in writers.values():
+            w.flush()
+        counts = {
+            "docs_read": docs_read,
+            "train_docs": train.docs,
+            "val_docs": val.docs,
+            "val_full_skipped": val_full,
+            "empty_skipped": empty,
+            "malformed": len(malformed),
+            "train_tokens": train.tokens,
+            "val_tokens": val.tokens,
+            "train_shards": len(train.written),
+            "val_shards": len(val.written),
+            "stopped_at_max_tokens": stopped,
+        }
+        write_manifest(stage, {**train.written, **val.written}, MADE_BY, settings, counts, pid)
     summary = {"out_dir": str(out_dir), **counts, "stale_removed": stale,
                "malformed_examples": [f"{m.where}: {m.why}" for m in malformed[:MALFORMED_SHOWN]]}
     print_summary(summary)

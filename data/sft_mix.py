@@ -33,8 +33,8 @@ held out as val before any repeating, so no val example is ever in train too.
 
 Output in --out_dir: train and val, each as the examples' tokens back to back in {split}_000000.bin
 plus {split}_offsets.npy (data/shards.py write_examples), in a seeded random order, summary.json
-with the counts, and last manifest.json (data/shards.py: first one saying the run has not
-finished, so the loader refuses the dir until it has; split files this run did not write are deleted).
+with the counts, and manifest.json (data/shards.py), written beside --out_dir and swapped in whole
+when done: a refused, failed or interrupted mix leaves the earlier one usable.
 An example is <|endoftext|> (where every pretraining document starts), then per turn
 `<|user|>{prompt}<|assistant|>{response}<|endoftext|>` with single special ids (data/tokenizer.py
 render_chat); the loss mask is re-derived from those ids when training.
@@ -44,7 +44,6 @@ The same inputs and arguments give byte-identical files.
 import argparse
 import hashlib
 import json
-import os
 import sys
 import urllib.request
 from pathlib import Path
@@ -56,7 +55,7 @@ from tqdm import tqdm  # noqa: E402
 
 from data import UserError, one_line_errors, reach_hub  # noqa: E402
 from data.fineweb_edu import as_tokenized  # noqa: E402
-from data.shards import prep_id, remove_stale, start_manifest, write_examples, write_manifest  # noqa: E402
+from data.shards import prep_id, staged_prep, write_examples, write_manifest  # noqa: E402
 from data.tokenizer import EOT, render_chat  # noqa: E402
 
 MADE_BY = "data/sft_mix.py"  # recorded in the manifest: the fix a loader names is re-running it
@@ -283,25 +282,20 @@ def main(argv=None):
         stats[source].update(weight=args.weights[source], train=len(picked), val=n_val_source)
     train = [train[i] for i in rng.permutation(len(train))]
 
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     pid = prep_id(MADE_BY, args.settings)
-    start_manifest(out_dir, MADE_BY, args.settings, pid)  # until write_manifest, the loader refuses this dir
-    files = {**write_examples(out_dir, "train", train, pid), **write_examples(out_dir, "val", val, pid)}
-    summary = {
-        "multi_turn": args.multi_turn,
-        "sources": stats,
-        "train_examples": len(train),
-        "val_examples": len(val),
-        "train_tokens": int(sum(len(x) for x in train)),
-        "val_tokens": int(sum(len(x) for x in val)),
-    }
-    tmp = out_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, out_dir / "summary.json")
-    stale = [name for split in ("train", "val") for name in remove_stale(out_dir, split, files)]
-    counts = {k: summary[k] for k in ("train_examples", "val_examples", "train_tokens", "val_tokens")}
-    write_manifest(out_dir, files, MADE_BY, args.settings, counts, pid)
+    with staged_prep(args.out_dir) as (stage, stale):  # out_dir changes only when the prep has finished
+        files = {**write_examples(stage, "train", train, pid), **write_examples(stage, "val", val, pid)}
+        summary = {
+            "multi_turn": args.multi_turn,
+            "sources": stats,
+            "train_examples": len(train),
+            "val_examples": len(val),
+            "train_tokens": int(sum(len(x) for x in train)),
+            "val_tokens": int(sum(len(x) for x in val)),
+        }
+        (stage / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        counts = {k: summary[k] for k in ("train_examples", "val_examples", "train_tokens", "val_tokens")}
+        write_manifest(stage, files, MADE_BY, args.settings, counts, pid)
     print_summary(summary, args, stale)
     return summary
 

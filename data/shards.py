@@ -11,19 +11,21 @@ Chat examples (data/sft_mix.py): a split is the examples' tokens back to back in
 tokens[offsets[i]:offsets[i+1]]. The loss mask is not stored: data/tokenizer.py reply_mask()
 re-derives it from the special ids, which ordinary text never produces.
 
-The manifest: before a prep writes anything it replaces manifest.json by one that says "not finished"
-(with its settings, so the error can name the command to re-run), and when done by one listing every
-file it wrote (tokens, bytes, sha256), its settings and the tokenizer. list_shards() refuses a dir
+The manifest: a prep writes into a folder beside out_dir (staged_prep) and, when done, writes the manifest
+listing every file it wrote (tokens, bytes, sha256), its settings and the tokenizer, then swaps the folder
+in whole; a failed or interrupted prep leaves the earlier one as it was. list_shards() refuses a dir
 without a finished manifest or whose files differ from it (missing, extra, resized, or from another
-prep), so an interrupted prep, a half-deleted dir or a mix of two runs' shards never trains silently.
+prep), so a half-deleted dir or a mix of two runs' shards never trains silently.
 """
 
+import contextlib
 import functools
 import hashlib
 import io
 import json
 import os
 import shlex
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -179,21 +181,56 @@ def split_files(data_dir, split):
     return sorted(p.name for p in Path(data_dir).glob(f"{split}_*") if _in_split(p.name, split))
 
 
-def remove_stale(out_dir, split, keep):
-    """Delete this split's files (and temp files) that a prep did not write; return their names."""
+@contextlib.contextmanager
+def staged_prep(out_dir):
+    """The folder a prep writes, beside out_dir, swapped in whole when the prep is done: a prep that is
+    refused, fails or is interrupted leaves out_dir as it was, so the last complete prep stays usable. A
+    second prep into the same out_dir meanwhile is refused. Files of out_dir that are not a prep's own
+    (its splits, manifest.json, summary.json) move along. Yields (folder, stale): stale receives, at the
+    swap, the names of the split files of the earlier prep that the new one does not have."""
     out_dir = Path(out_dir)
-    stale = [out_dir / name for name in split_files(out_dir, split) if name not in keep]
-    stale += sorted(out_dir.glob(f"{split}_*.tmp"))  # left by a crash inside a write
-    for path in stale:
-        path.unlink()
-    return [path.name for path in stale]
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = out_dir.with_name(f".{out_dir.name}.lock")
+        lock = open(lock_path, "a")
+    except OSError as e:
+        raise UserError(f"cannot write beside --out_dir={out_dir} ({e.strerror}); pick another --out_dir") from None
+    with lock:
+        try:
+            import fcntl
 
-
-def start_manifest(out_dir, made_by, settings, prep_id):
-    """What a prep does before it writes anything: until write_manifest, the loaders refuse the dir
-    and name this command as the fix."""
-    manifest = {"made_by": made_by, "settings": settings, "prep_id": prep_id, "finished": False}
-    _write_atomic(Path(out_dir) / MANIFEST, [(json.dumps(manifest, indent=2) + "\n").encode()])
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # Windows: no advisory locks, no guard
+            pass
+        except OSError:
+            raise UserError(f"another prep is writing {out_dir} now (it holds {lock_path}); wait for it to "
+                            "end") from None
+        if out_dir.exists() and not out_dir.is_dir():
+            raise UserError(f"--out_dir={out_dir} is a file; pick a folder")
+        for left in out_dir.parent.glob(f".{out_dir.name}.[no][el][wd]*"):  # by a prep killed outright
+            shutil.rmtree(left, ignore_errors=True)
+        stage, stale = out_dir.with_name(f".{out_dir.name}.new{os.getpid()}"), []
+        stage.mkdir()
+        try:
+            yield stage, stale
+            if out_dir.is_dir():
+                new = set(os.listdir(stage))
+                for path in sorted(out_dir.iterdir()):
+                    name = path.name
+                    if _in_split(name, "train") or _in_split(name, "val") or (
+                            name.startswith(("train_", "val_")) and name.endswith(".tmp")):
+                        stale += [] if name in new else [name]
+                    elif name not in (MANIFEST, "summary.json"):
+                        os.replace(path, stage / name)  # not the prep's: it stays
+                old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
+                os.replace(out_dir, old)
+                os.replace(stage, out_dir)
+                shutil.rmtree(old)
+            else:
+                os.replace(stage, out_dir)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+            lock_path.unlink(missing_ok=True)
 
 
 def write_manifest(out_dir, files=None, made_by="", settings=None, counts=None, prep_id=0):

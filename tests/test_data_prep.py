@@ -2,7 +2,6 @@
 data/sft_mix.py shares with it: the manifest, and duplicates as the tokenizer sees them."""
 
 import json
-import shlex
 import subprocess
 import sys
 import types
@@ -279,9 +278,10 @@ def test_prep_scripts_do_not_import_torch():
     assert r.returncode == 0, r.stderr
 
 
-def test_a_killed_prep_leaves_a_dir_the_loaders_refuse(tmp_path):
-    """SIGKILL halfway through (no cleanup runs), over the complete output of an earlier run: the dir then
-    mixes new and old shards. The loaders refuse it and name the command, which repairs it."""
+def test_a_killed_prep_leaves_the_earlier_prep_usable(tmp_path):
+    """SIGKILL halfway through (no clean-up runs), over the complete output of an earlier run: the new
+    prep writes beside out_dir, so out_dir still holds the earlier prep, whole; the next prep clears what
+    the killed one left."""
     import signal
     import time
 
@@ -289,30 +289,49 @@ def test_a_killed_prep_leaves_a_dir_the_loaders_refuse(tmp_path):
     src.write_text(REAL.read_text() * 2)
     out = tmp_path / "out"
     prep(src, out, "--shard_size", 1000, "--val_fraction", 0.2, "--seed", 1, "--num_proc", 1)  # the earlier run
+    before = dir_bytes(out)
     cmd = [sys.executable, "data/fineweb_edu.py", "--source", str(src), "--out_dir", str(out), "--shard_size", "1000",
            "--val_fraction", "0.2", "--num_proc", "1"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = out / "train_000005.bin"
-    before = first.stat().st_mtime_ns
-    deadline = time.time() + 60
-    while first.stat().st_mtime_ns == before and time.time() < deadline:  # the new run has rewritten 5 shards
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".out.new*/train_000005.bin")) and time.time() < deadline:  # 5 shards written
         time.sleep(0.002)
     assert proc.poll() is None, "the prep finished before the kill: give it more shards to write"
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    with pytest.raises(UserError, match="its data prep did not finish") as e:
-        list_shards(out, "train")
-    fix = e.value.args[0].split("re-run the data prep: ")[1]
-    assert "--seed=1337" in fix and f"--out_dir {out}" in fix  # the killed run's settings, not the earlier one's
-    main(shlex.split(fix)[2:])
-    files = list_shards(out, "train") + list_shards(out, "val")
-    manifest = json.loads((out / MANIFEST).read_text())
-    assert sorted(manifest["files"]) == sorted(f.name for f in files)
-    assert sorted(shard_docs(out, "train") + shard_docs(out, "val")) == sorted(tokenized(real_texts()) * 2)
+    proc.wait(timeout=60)
+    assert dir_bytes(out) == before and list_shards(out, "train")
+    assert list(tmp_path.glob(".out.new*"))  # what the killed prep wrote, beside out_dir
+    prep(src, out, "--shard_size", 1000, "--val_fraction", 0.2, "--seed", 1, "--num_proc", 1)
+    assert dir_bytes(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out", "two_copies.jsonl"]
 
 
-# -----------------------------------------------------------------------------
-# data/sft_mix.py
+def test_a_refused_prep_leaves_the_dir_as_it_was(tmp_path):
+    out = tmp_path / "out"
+    prep(REAL, out, "--val_fraction", 0.2, "--num_proc", 1)
+    (out / "notes.txt").write_text("mine")
+    before = dir_bytes(out)
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(UserError, match="no text to tokenize"):
+        prep(tmp_path / "empty.jsonl", out, "--num_proc", 1)
+    assert dir_bytes(out) == before and list_shards(out, "val")
+    prep(REAL, out, "--val_fraction", 0.3, "--num_proc", 1)  # a new prep keeps the files that are not its own
+    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl", "out"]
+
+
+def test_a_second_prep_into_the_same_dir_is_refused(tmp_path):
+    import fcntl
+
+    out = tmp_path / "out"
+    prep(REAL, out, "--val_fraction", 0.2, "--num_proc", 1)
+    before = dir_bytes(out)
+    with open(tmp_path / ".out.lock", "a") as held:  # as a running prep holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(UserError, match=r"another prep is writing .*out now") as e:
+            prep(REAL, out, "--val_fraction", 0.3, "--num_proc", 1)
+    assert "\n" not in str(e.value) and dir_bytes(out) == before
+    with pytest.raises(UserError, match="is a file"):
+        prep(REAL, tmp_path / ".out.lock", "--num_proc", 1)
 
 
 def mix_args(out_dir, *args):
@@ -338,7 +357,7 @@ def test_sft_mix_manifest_stale_files_and_interruption(tmp_path, monkeypatch):
 
     real, calls = sft_mix.write_examples, []
 
-    def crash(*args, **kwargs):  # killed after the train split, before val: new train, old val
+    def crash(*args, **kwargs):  # interrupted after the train split, before val
         if calls:
             raise KeyboardInterrupt
         calls.append(1)
@@ -348,13 +367,9 @@ def test_sft_mix_manifest_stale_files_and_interruption(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         sft_mix.main(mix_args(out, "--seed", 2))
     monkeypatch.undo()
-    assert dir_bytes(out)["train_000000.bin"] != before["train_000000.bin"]
-    for split in ("train", "val"):
-        with pytest.raises(UserError, match="its data prep did not finish") as e:
-            read_examples(out, split)
-    fix = e.value.args[0].split("re-run the data prep: ")[1]
-    assert fix.startswith("python data/sft_mix.py --sources=raschka") and "--seed=2" in fix
-    sft_mix.main(shlex.split(fix)[2:])
+    assert dir_bytes(out) == before and read_examples(out, "val")  # the earlier mix, whole and usable
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "reference"]
+    sft_mix.main(mix_args(out, "--seed", 2))
     assert dir_bytes(out) == dir_bytes(reference)
 
 
