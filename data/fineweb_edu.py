@@ -23,9 +23,10 @@ prepended. It goes to val iff a hash of (seed, its text) falls below
 --val_fraction, else to train. The rule depends only on the text as the
 tokenizer sees it (lone surrogates, which JSON can carry, become U+FFFD), so
 duplicates share a split, and a document is never cut across splits. Once val
-holds --val_tokens (if set), later val documents are skipped and counted, never
-sent to train. Each split is written as shards of exactly --shard_size tokens
-(the last one partial): train_000000.bin, ..., val_000000.bin, ...
+holds --val_tokens (if set), a later val document goes to train, unless it is a
+copy of a val document (then it is skipped: in train it would leak val); both are
+counted. Each split is written as shards of exactly --shard_size tokens (the last
+one partial): train_000000.bin, ..., val_000000.bin, ...
 manifest.json (see data/shards.py) lists them. The prep writes into a folder beside
 --out_dir and swaps it in whole when done, so a refused, failed or interrupted prep
 leaves the earlier one usable, and a second prep into the same dir meanwhile is
@@ -122,7 +123,7 @@ def read_parquet(path):
 
 
 def read_txt(path):
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:  # -sig: a byte-order mark is not text
         for line in f:
             if line.strip():
                 yield line.rstrip("\n")
@@ -299,8 +300,8 @@ def main(argv=None):
     pid = prep_id(MADE_BY, settings)
     with staged_prep(out_dir) as (stage, stale):  # out_dir changes only when the prep has finished
         writers = {split: ShardWriter(stage, split, args.shard_size, pid) for split in ("train", "val")}
-        empty = total = val_full = 0
-        malformed = []
+        empty = total = val_full = val_to_train = 0
+        malformed, val_seen = [], set()
         stopped = False
         tokenize = partial(tokenize_chunk, seed=args.seed)
         pool = Pool(args.num_proc) if args.num_proc > 1 else None
@@ -320,9 +321,14 @@ def main(argv=None):
                                 writers["train"].add(tokens)
                             elif not args.val_tokens or writers["val"].tokens < args.val_tokens:
                                 writers["val"].add(tokens)
-                            else:  # a val document once val is full: in train its copies would leak val
+                                if args.val_tokens:  # the cap bounds this set
+                                    val_seen.add(hashlib.sha256(tokens).digest())
+                            elif hashlib.sha256(tokens).digest() in val_seen:  # a copy of a val document
                                 val_full += 1
                                 continue
+                            else:  # a val document once val is full trains: no copy of it is in val
+                                writers["train"].add(tokens)
+                                val_to_train += 1
                             total += len(tokens)
                             bar.update(len(tokens))
                             if args.max_tokens and total >= args.max_tokens:
@@ -348,6 +354,7 @@ def main(argv=None):
             "train_docs": train.docs,
             "val_docs": val.docs,
             "val_full_skipped": val_full,
+            "val_full_to_train": val_to_train,
             "empty_skipped": empty,
             "malformed": len(malformed),
             "train_tokens": train.tokens,
@@ -365,7 +372,9 @@ def main(argv=None):
 
 def print_summary(s):
     print(f"read {s['docs_read']:,} documents: {s['train_docs']:,} train, {s['val_docs']:,} val, "
-          + (f"{s['val_full_skipped']:,} val past --val_tokens (skipped), " if s["val_full_skipped"] else "")
+          + (f"{s['val_full_to_train']:,} val past --val_tokens (to train), " if s.get("val_full_to_train") else "")
+          + (f"{s['val_full_skipped']:,} copies of val documents past --val_tokens (skipped), "
+             if s["val_full_skipped"] else "")
           + f"{s['empty_skipped']:,} empty (skipped), {s['malformed']:,} malformed (skipped)"
           + (" -- stopped at --max_tokens" if s["stopped_at_max_tokens"] else ""))
     for m in s["malformed_examples"]:
