@@ -19,8 +19,10 @@ Settings: the block below, then --key=value (or --key value).
 
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -369,7 +371,8 @@ def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     softmax restricted to the top_k tokens and to the smallest set whose probability reaches top_p."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature  # <= 0: a tiny temperature gives -inf
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -394,6 +397,8 @@ if download_only:
 if init_from and ckpt:
     raise UserError("--init_from and --ckpt both name a model; pass one")
 source = init_from or resolve_checkpoint(ckpt)  # before any download: a missing checkpoint fails fast
+if out and not (Path(out).resolve().parent.is_dir() and os.access(Path(out).resolve().parent, os.W_OK)):
+    raise UserError(f"--out={out}: its folder does not exist or cannot be written; make it first")  # not after scoring
 device = pick_device(device)
 dtype, autocast = pick_autocast(device, dtype)
 path = hellaswag_path(data)

@@ -382,7 +382,8 @@ def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     softmax restricted to the top_k tokens and to the smallest set whose probability reaches top_p."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature  # <= 0: a tiny temperature gives -inf
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -678,6 +679,10 @@ if out.is_dir() and overwrite:  # --overwrite replaces an earlier export, never 
     if holds or runs:
         raise UserError(f"out_dir={out} holds {holds[0] if holds else runs}, which --overwrite would delete; "
                         "export to another --out_dir")
+existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())  # before any work
+if not existing.is_dir() or not os.access(existing, os.W_OK):
+    raise UserError(f"--out_dir={out}: {existing} is {'a file' if not existing.is_dir() else 'not writable'}; "
+                    "pick another --out_dir")
 checkpoint = load_checkpoint(ckpt_path, "cpu")
 model = GPT.from_checkpoint(checkpoint, ckpt_path).eval()
 refuse_unsupported(model.config, ckpt_path)

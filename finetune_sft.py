@@ -437,7 +437,8 @@ def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     softmax restricted to the top_k tokens and to the smallest set whose probability reaches top_p."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature  # <= 0: a tiny temperature gives -inf
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -371,7 +371,8 @@ def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     softmax restricted to the top_k tokens and to the smallest set whose probability reaches top_p."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature  # <= 0: a tiny temperature gives -inf
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -398,7 +399,10 @@ if interactive and (prompt or prompt_file):
 if prompt_file:
     if not Path(prompt_file).is_file():
         raise UserError(f"--prompt_file={prompt_file}: file not found")
-    prompt = Path(prompt_file).read_text(encoding="utf-8")
+    try:
+        prompt = Path(prompt_file).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"--prompt_file={prompt_file}: not valid UTF-8 (byte {e.start}); save it as UTF-8") from None
 if compile and not use_cache:
     raise UserError("--compile compiles the KV-cached one-token step; drop --use_cache=False or --compile")
 device = pick_device(device)

@@ -27,11 +27,14 @@ class UserError(Exception):
 
 
 def one_line_errors():
-    """Make this process print an uncaught UserError as `error: message` and Ctrl-C as `interrupted`."""
+    """Make this process print an uncaught UserError as `error: message` and Ctrl-C as `interrupted`, and
+    end quietly when its stdout is closed early."""
     default = sys.excepthook
 
     def hook(kind, value, tb):
-        if issubclass(kind, UserError):
+        if issubclass(kind, BrokenPipeError):  # stdout closed early (`| head`): stop quietly, as Unix tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        elif issubclass(kind, UserError):
             print(f"error: {value}", file=sys.stderr, flush=True)
         elif issubclass(kind, KeyboardInterrupt):
             print("interrupted", file=sys.stderr, flush=True)

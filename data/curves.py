@@ -53,7 +53,8 @@ def read_metrics(run_dir):
 
 def series(records, key):
     """(steps, values) of one metric; a resumed run logs some steps twice, the later record wins."""
-    points = {r["step"]: r[key] for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])}
+    points = {r["step"]: r[key] for r in records  # beyond 1e100: a diverged run's overflow, which no axis can span
+              if isinstance(r.get(key), (int, float)) and math.isfinite(r[key]) and abs(r[key]) < 1e100}
     steps = sorted(points)
     return steps, [points[s] for s in steps]
 
@@ -138,6 +139,8 @@ def main(argv=None):
     if not args.out and len(args.runs) > 1:
         raise UserError("several runs need --out=PICTURE.png (one run's picture defaults to RUN/curves.png)")
     out = Path(args.out or Path(args.runs[0]) / "curves.png")
+    if not out.resolve().parent.is_dir():
+        raise UserError(f"--out={out}: the folder {out.parent} does not exist; make it first")
     try:
         draw_curves(args.runs, out, labels)
     except ModuleNotFoundError as e:

@@ -86,6 +86,8 @@ def resolve_sources(specs):
                 if not matches[0].is_file():
                     raise UserError(f"--source {pattern}: no such file")
             for path in matches:
+                if path.is_dir():
+                    raise UserError(f"--source {pattern!r} matches the folder {path}; name files, e.g. {path}/*.jsonl")
                 if path.suffix not in SUFFIXES:
                     raise UserError(f"--source {path}: unsupported file type; use {', '.join(SUFFIXES)} files")
                 files.add(path)
@@ -139,7 +141,10 @@ def open_files(files):
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            columns = pq.read_schema(path).names
+            try:
+                columns = pq.read_schema(path).names
+            except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+                raise UserError(f"{path}: not a readable parquet file ({' '.join(str(e).split())[:150]})") from None
             if "text" not in columns:
                 raise UserError(f"{path}: no 'text' column (columns: {', '.join(columns)})")
     readers = {".jsonl": read_jsonl, ".parquet": read_parquet, ".txt": read_txt}

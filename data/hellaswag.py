@@ -78,10 +78,14 @@ def load_hellaswag(path, limit=0):
     if not os.path.isfile(path):
         raise UserError(f"HellaSwag file {path} not found")
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
             if limit and len(examples) == limit:
                 break
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path} line {lineno}: not valid UTF-8 (byte {e.start})") from None
             if not line.strip():
                 continue
             try:

@@ -44,6 +44,7 @@ The same inputs and arguments give byte-identical files.
 import argparse
 import hashlib
 import json
+import math
 import sys
 import urllib.request
 from pathlib import Path
@@ -82,7 +83,10 @@ def read_local(source, path):
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        columns = pq.read_schema(path).names
+        try:
+            columns = pq.read_schema(path).names
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise UserError(f"{path}: not a readable parquet file ({' '.join(str(e).split())[:150]})") from None
         missing = [f for f in FIELDS[source] if f not in columns]
         if missing:
             raise UserError(f"{path}: no column {', '.join(missing)} (columns: {', '.join(columns)}); a {source} "
@@ -229,8 +233,8 @@ def parse_args(argv):
             weight = float(value)
         except ValueError:
             weight = -1.0
-        if source not in args.sources or not weight >= 0:
-            raise UserError(f"--weights {item!r}: use NAME=W with W >= 0 and NAME one of --sources "
+        if source not in args.sources or not 0 <= weight < math.inf:
+            raise UserError(f"--weights {item!r}: use NAME=W with a finite W >= 0 and NAME one of --sources "
                             f"({', '.join(args.sources)})")
         weights[source] = weight
     args.settings = {  # what fixes the output, for the manifest: the command line that remakes it

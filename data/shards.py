@@ -189,9 +189,11 @@ def staged_prep(out_dir):
     (its splits, manifest.json, summary.json) move along. Yields (folder, stale): stale receives, at the
     swap, the names of the split files of the earlier prep that the new one does not have."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out_dir={out_dir} is a file; pick a folder")
+    lock_path = out_dir.with_name(f".{out_dir.name}.lock")
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        lock_path = out_dir.with_name(f".{out_dir.name}.lock")
         lock = open(lock_path, "a")
     except OSError as e:
         raise UserError(f"cannot write beside --out_dir={out_dir} ({e.strerror}); pick another --out_dir") from None
@@ -202,11 +204,9 @@ def staged_prep(out_dir):
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except ImportError:  # Windows: no advisory locks, no guard
             pass
-        except OSError:
+        except OSError:  # the lock file stays: it is the other prep's
             raise UserError(f"another prep is writing {out_dir} now (it holds {lock_path}); wait for it to "
                             "end") from None
-        if out_dir.exists() and not out_dir.is_dir():
-            raise UserError(f"--out_dir={out_dir} is a file; pick a folder")
         for left in out_dir.parent.glob(f".{out_dir.name}.[no][el][wd]*"):  # by a prep killed outright
             shutil.rmtree(left, ignore_errors=True)
         stage, stale = out_dir.with_name(f".{out_dir.name}.new{os.getpid()}"), []
