@@ -119,3 +119,17 @@ def wait_for_steps(out_dir, n, timeout=120):
             return
         time.sleep(0.05)
     raise TimeoutError(f"{path}: fewer than {n} steps logged after {timeout} s")
+
+
+def wait_for_text(path, text, proc, timeout=120):
+    """Wait until the file a subprocess writes its output to holds text; fail (not hang) if the process
+    ends first or the timeout passes."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if text in Path(path).read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the process ended (status {proc.returncode}) before printing {text!r}: "
+                                 f"{Path(path).read_text(errors='replace')[-2000:]}")
+        time.sleep(0.02)
+    raise TimeoutError(f"{path}: no {text!r} after {timeout} s")

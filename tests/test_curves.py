@@ -48,11 +48,12 @@ def test_draw_one_run_and_several(tmp_path):
 def test_cli_overlays_runs(tmp_path):
     fake_run(tmp_path / "a"), fake_run(tmp_path / "b", seed=1.0)
     result = subprocess.run([sys.executable, "data/curves.py", tmp_path / "a", tmp_path / "b", "--labels=A,B",
-                             f"--out={tmp_path / 'ab.png'}"], cwd=REPO_ROOT, capture_output=True, text=True)
+                             f"--out={tmp_path / 'ab.png'}"], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "ab.png").read_bytes().startswith(PNG)
     result = subprocess.run([sys.executable, "data/curves.py", tmp_path / "a", tmp_path / "b"], cwd=REPO_ROOT,
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [
         "error: several runs need --out=PICTURE.png (one run's picture defaults to RUN/curves.png)"]
 

@@ -18,6 +18,7 @@ from helpers import (
     make_checkpoint,
     run_cli,
     run_script,
+    wait_for_text,
 )
 
 import data.hellaswag as hellaswag
@@ -144,16 +145,24 @@ def test_an_empty_hellaswag_file_is_refused(smoke_run, tmp_path):
 
 
 def test_ctrl_c_during_eval_is_one_line(tmp_path):
-    make_checkpoint(tmp_path / "big" / "ckpt.pt", n_layer=4, n_embd=256, n_head=4, block_size=128)
-    proc = subprocess.Popen([sys.executable, "eval_hellaswag.py", f"--ckpt={tmp_path / 'big'}", f"--data={HELLASWAG}",
-                             "--batch_size=1", "--device=cpu"], cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    while "hellaswag" not in proc.stderr.read(1) + proc.stderr.read(8):  # the progress bar has started
-        pass
+    """The scoring is made to repeat until the signal comes (a wrapper tells when it starts), so the
+    signal lands during the eval however busy the machine is."""
+    make_checkpoint(tmp_path / "run" / "ckpt.pt")
+    wrapper = ("import runpy, sys, time\nimport data.hellaswag as h\nreal = h.hellaswag_score\n"
+               "def looping(*args, **kwargs):\n    print('SCORING', file=sys.stderr, flush=True)\n"
+               "    deadline = time.time() + 300\n    while time.time() < deadline:\n        real(*args, **kwargs)\n"
+               "h.hellaswag_score = looping\n"
+               f"sys.argv = ['eval_hellaswag.py', '--ckpt={tmp_path / 'run'}', '--data={HELLASWAG}', '--limit=4', "
+               "'--device=cpu']\nrunpy.run_path('eval_hellaswag.py', run_name='__main__')\n")
+    err = tmp_path / "stderr.txt"
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-c", wrapper], cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                                stderr=stderr)
+    wait_for_text(err, "SCORING", proc, timeout=300)
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode in (-signal.SIGINT, 128 + signal.SIGINT)
-    assert stderr.rstrip().endswith("interrupted") and "Traceback" not in stderr
+    assert proc.wait(timeout=120) in (1, -signal.SIGINT, 128 + signal.SIGINT)
+    text = err.read_text()
+    assert text.rstrip().endswith("interrupted") and "Traceback" not in text, text
 
 
 def test_eval_cli(run_dirs, tmp_path):

@@ -382,7 +382,8 @@ def test_cli_fine_tune_learns_replies_that_greedy_sampling_reproduces(base, tmp_
     assert example(("What is the capital of France?", france)) in trained
     assert f"step 30 sample: 'What is the capital of France?' -> {france!r}" in (out / "log.txt").read_text()
     result = subprocess.run([sys.executable, "sample.py", "What is the capital of France?", f"--ckpt={out}",
-                             "--device=cpu", "--temperature=0"], cwd=ROOT, capture_output=True, text=True, env=ENV)
+                             "--device=cpu", "--temperature=0"], cwd=ROOT, capture_output=True, text=True, env=ENV,
+                            timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == france
 
