@@ -69,6 +69,14 @@ class GPTConfig:
     logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap)
     rope_theta: float = 10000.0  # llama only
 
+    @classmethod
+    def from_settings(cls, settings):
+        """The config that a script's settings name (arch, n_layer, ...: a setting of a field's name sets it)."""
+        return cls(**{k: v for k, v in settings.items() if k in cls.__dataclass_fields__})
+
+
+ARCHS = ("gpt2", "llama")  # what GPTConfig.arch may be
+
 
 class KVCache:
     """Keys and values of every position of the context, per layer, for one-token-per-forward decoding.
@@ -171,8 +179,8 @@ class GPT(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        if config.arch not in ("gpt2", "llama"):
-            raise UserError(f"arch={config.arch!r}: use 'gpt2' or 'llama'")
+        if config.arch not in ARCHS:
+            raise UserError(f"arch={config.arch!r}: use one of {', '.join(ARCHS)}")
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),

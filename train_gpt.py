@@ -166,6 +166,14 @@ class GPTConfig:
     logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap)
     rope_theta: float = 10000.0  # llama only
 
+    @classmethod
+    def from_settings(cls, settings):
+        """The config that a script's settings name (arch, n_layer, ...: a setting of a field's name sets it)."""
+        return cls(**{k: v for k, v in settings.items() if k in cls.__dataclass_fields__})
+
+
+ARCHS = ("gpt2", "llama")  # what GPTConfig.arch may be
+
 
 class KVCache:
     """Keys and values of every position of the context, per layer, for one-token-per-forward decoding.
@@ -268,8 +276,8 @@ class GPT(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        if config.arch not in ("gpt2", "llama"):
-            raise UserError(f"arch={config.arch!r}: use 'gpt2' or 'llama'")
+        if config.arch not in ARCHS:
+            raise UserError(f"arch={config.arch!r}: use one of {', '.join(ARCHS)}")
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -493,7 +501,7 @@ check_settings(config, positive=("n_layer", "n_head", "n_embd", "block_size", "b
                              "muon_momentum_warmup",
                              "lr_decay_iters", "grad_clip", "hellaswag_interval", "hellaswag_limit", "sample_interval",
                              "keep_last"),
-               choices=dict(arch=("gpt2", "llama"), optimizer=("muon", "adamw"), lr_schedule=("cosine", "wsd"),
+               choices=dict(arch=ARCHS, optimizer=("muon", "adamw"), lr_schedule=("cosine", "wsd"),
                             loader_mode=("shuffle", "random", "sequential")),
                fractions=("min_lr_frac", "decay_frac"),
                non_empty=("out_dir", "data_dir"),
@@ -534,11 +542,11 @@ if init_from == "resume":
                         f"python finetune_sft.py --out_dir={out_dir} --init_from=resume")
     check_resumable(checkpoint, f"{out_dir}/ckpt.pt")
     model = GPT.from_checkpoint(checkpoint, f"{out_dir}/ckpt.pt")
-    refuse_architecture_change(checkpoint["config"], config, f"{out_dir}/ckpt.pt")
+    refuse_architecture_change(checkpoint["config"], config, f"{out_dir}/ckpt.pt",
+                               [f for f in GPTConfig.__dataclass_fields__ if f != "block_size"])
 elif init_from == "scratch":
     refuse_to_overwrite(out_dir)
-    model = GPT(GPTConfig(arch=arch, vocab_size=VOCAB_SIZE, block_size=block_size, n_layer=n_layer, n_head=n_head,
-                          n_embd=n_embd, qk_norm=qk_norm, logit_softcap=logit_softcap))
+    model = GPT(GPTConfig.from_settings(config))
 elif init_from.startswith("gpt2"):
     refuse_to_overwrite(out_dir)
     model = GPT.from_pretrained(init_from)

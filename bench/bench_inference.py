@@ -39,7 +39,7 @@ one_line_errors()
 # ----------------------------------------------------------------------------- settings
 parts = "decode,hellaswag"  # what to time
 device = "auto"  # "auto" (cuda > mps > cpu), "cuda", "cpu"
-arch = "gpt2"  # "gpt2" or "llama"
+arch = "gpt2"  # one of the model section's ARCHS
 decode_models = ""  # comma-separated LAYERSxWIDTH (64-wide heads); "" = 12x768 (GPT-2 124M) on CUDA, 6x384 elsewhere
 decode_tokens = 0  # tokens decoded after the prompt; 0 = 512 on CUDA, 128 elsewhere
 decode_modes = ""  # of plain,cached,item,compiled; "" = all on CUDA, plain,cached,item elsewhere (inductor: ~1 min)
@@ -53,7 +53,7 @@ old = True  # also time the straightforward path
 config = parse_settings(globals(), sys.argv[1:])
 globals().update(config)
 check_settings(config, non_negative=("decode_tokens", "examples"), positive=("batch_size",),
-               choices=dict(arch=("gpt2", "llama")))
+               choices=dict(arch=model_namespace("train_gpt.py")["ARCHS"]))
 
 device = pick_device(device)
 cuda = device.startswith("cuda")

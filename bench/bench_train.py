@@ -49,9 +49,10 @@ config = parse_config({**script_settings("train_gpt.py"), **BENCH}, sys.argv[1:]
 globals().update({k: config[k] for k in BENCH})
 t = SimpleNamespace(**config)
 
+ARCHS = model_namespace("train_gpt.py")["ARCHS"]
 check_settings(config, positive=("n_layer", "n_head", "n_embd", "block_size", "batch_size", "total_batch_size",
                                  "steps"), non_negative=("warmup_steps",),
-               choices=dict(arch=("gpt2", "llama"), sdpa_backend=("auto", "flash", "cudnn", "efficient", "math")))
+               choices=dict(arch=ARCHS, sdpa_backend=("auto", "flash", "cudnn", "efficient", "math")))
 if t.total_batch_size % (t.batch_size * t.block_size):
     raise UserError(f"total_batch_size={t.total_batch_size} must be a multiple of batch_size * block_size = "
                     f"{t.batch_size} * {t.block_size}")
@@ -95,8 +96,7 @@ if cuda:
         peak_flops = next((v for k, v in peak_flops_table().items() if k in torch.cuda.get_device_name(device)), 0.0)
 ns = model_namespace("train_gpt.py")
 GPT, GPTConfig = ns["GPT"], ns["GPTConfig"]
-model_config = GPTConfig(arch=t.arch, vocab_size=VOCAB_SIZE, block_size=t.block_size, n_layer=t.n_layer,
-                         n_head=t.n_head, n_embd=t.n_embd, qk_norm=t.qk_norm, logit_softcap=t.logit_softcap)
+model_config = GPTConfig.from_settings(config)
 generator = torch.Generator().manual_seed(t.seed)
 x = torch.randint(0, VOCAB_SIZE, (t.batch_size, t.block_size), generator=generator).to(device)
 y = torch.randint(0, VOCAB_SIZE, (t.batch_size, t.block_size), generator=generator).to(device)

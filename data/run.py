@@ -19,16 +19,15 @@ import torch
 
 from data import REPO_ROOT, UserError
 
-ARCHITECTURE = ("arch", "n_layer", "n_head", "n_embd", "qk_norm", "logit_softcap")
-
 
 def changed_settings(saved, config, keys):
     """`key old -> new` for each of keys whose value differs between a checkpoint's settings and this run's."""
     return [f"{k} {saved[k]} -> {config[k]}" for k in keys if k in saved and k in config and saved[k] != config[k]]
 
 
-def refuse_architecture_change(saved, config, source):
-    changed = changed_settings(saved, config, ARCHITECTURE)
+def refuse_architecture_change(saved, config, source, fields):
+    """A resumed run keeps the model's shape: fields, the GPTConfig fields (settings of those names)."""
+    changed = changed_settings(saved, config, fields)
     if changed:
         raise UserError(f"{source}: a resumed run keeps its architecture ({', '.join(changed)}); drop those flags, "
                         "or train the new shape from scratch in another out_dir")
