@@ -16,8 +16,8 @@ after them. A bench run is a short version of the recipe's full run: every setti
 so a warmup of 700 of 19,073 steps becomes 9 of 250. Recipes whose label starts with "adamw" form the
 AdamW baseline: the one with the lowest mean final val loss sets the target.
 
-Runs are kept in out_dir/w{width}/{label}/s{seed}/ and reused when their arguments are the same, so an
-interrupted table continues where it stopped. The mean curves go to out_dir/recipe_w{width}.png.
+Runs are kept in out_dir/w{width}/{label}/s{seed}/ and reused while their arguments and resolved settings
+are the same, so an interrupted table continues where it stopped. The mean curves go to out_dir/recipe_w{width}.png.
 """
 
 import json
@@ -102,8 +102,9 @@ def run(label, width, seed):
     """One training run (or the kept result of the same one): its val losses as {step: loss}."""
     run_dir = Path(out_dir) / f"w{width}" / label.replace(" ", "_") / f"s{seed}"
     args = run_args(TABLE[label], width, seed)
+    settings = parse_config(script_settings("train_gpt.py"), args)  # a changed default changes the run too
     done = run_dir / "bench.json"
-    if done.is_file() and json.loads(done.read_text())["args"] == args:
+    if done.is_file() and json.loads(done.read_text()) == {"args": args, "settings": settings}:
         return dict(zip(*series(read_metrics(run_dir), "val_loss"), strict=True))
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -118,7 +119,7 @@ def run(label, width, seed):
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["no output"])[-1]
         raise UserError(f"{label}, width {width}, seed {seed} failed: {last} (run: {shlex.join(cmd)})")
-    done.write_text(json.dumps({"args": args}))
+    done.write_text(json.dumps({"args": args, "settings": settings}))
     return dict(zip(*series(read_metrics(run_dir), "val_loss"), strict=True))
 
 
