@@ -1,5 +1,5 @@
 """
-Training speed: train_gpt.py's step next to a plain nanoGPT-style step, on the same model, in one run.
+Training speed: train_gpt.py's step next to nanoGPT's step as nanoGPT runs it, on the same model, in one run.
 Fixed random tokens (no data I/O, nothing written); the median step time, tokens/s and MFU of each.
 
     python bench/bench_train.py                                            # GPT-2 124M, T=1024, 524,288 tokens/step
@@ -10,7 +10,8 @@ Fixed random tokens (no data I/O, nothing written); the median step time, tokens
 
   fast   train_gpt.py's step: Muon + AdamW (configure_optimizers), torch.compile and bf16 autocast on CUDA,
          grad accumulation to total_batch_size, grad clipping, one host sync for the NaN guard
-  plain  nanoGPT's step on the same model: AdamW alone (fused on CUDA), no compile; the rest the same
+  nanogpt  nanoGPT's recipe as nanoGPT runs it: AdamW alone (fused on CUDA), torch.compile and bf16 autocast
+           on CUDA; the same model, micro-batch and accumulation. The ratio is the optimizer's and the loop's.
 
 The model is train_gpt.py's own: its model section, run alone (bench/stage_code.py). The settings are
 train_gpt.py's (its settings block: configs/*.toml and its flags mean the same here), then the bench's.
@@ -37,7 +38,7 @@ one_line_errors()
 # optimizer's, device, dtype, compile, peak_flops); these are the bench's own.
 steps = 10  # timed optimizer steps per loop; the median is reported
 warmup_steps = 2  # untimed steps first: compilation, the allocator's first growth
-loops = "fast,plain"  # which of the two steps to time, in this order
+loops = "fast,nanogpt"  # which of the two steps to time, in this order
 sdpa_backend = "auto"  # CUDA attention kernel: "auto" (SDPA's choice), "flash", "cudnn", "efficient" or "math"
 bf16_residual = False  # embeddings in bf16, so the residual stream and its gradients are bf16 under autocast
 coordinate_descent = False  # inductor's coordinate_descent_tuning: a longer compile for maybe faster kernels
@@ -56,8 +57,8 @@ check_settings(config, positive=("n_layer", "n_head", "n_embd", "block_size", "b
 if t.total_batch_size % (t.batch_size * t.block_size):
     raise UserError(f"total_batch_size={t.total_batch_size} must be a multiple of batch_size * block_size = "
                     f"{t.batch_size} * {t.block_size}")
-if not set(loops.split(",")) <= {"fast", "plain"}:
-    raise UserError(f"--loops={loops}: use fast, plain or fast,plain")
+if not set(loops.split(",")) <= {"fast", "nanogpt"}:
+    raise UserError(f"--loops={loops}: use fast, nanogpt or fast,nanogpt")
 if (bf16_residual or sdpa_backend != "auto" or coordinate_descent) and not t.device.startswith(("cuda", "auto")):
     raise UserError("--bf16_residual, --sdpa_backend and --coordinate_descent are CUDA settings; drop them on a CPU")
 try:
@@ -117,7 +118,7 @@ def build(loop):
             if emb is not None:
                 emb.register_forward_hook(lambda module, args, out: out.to(torch.bfloat16))
     optimizers = raw.configure_optimizers({**config, "optimizer": t.optimizer if loop == "fast" else "adamw"})
-    model = torch.compile(raw) if loop == "fast" and t.compile and cuda else raw
+    model = torch.compile(raw) if t.compile and cuda else raw  # nanoGPT compiles by default too
     return model, raw, optimizers
 
 
@@ -198,12 +199,13 @@ def bench(loop):
     dt = statistics.median(times)
     tps = t.total_batch_size / dt
     mfu = f"MFU {raw.flops_per_token() * tps / peak_flops:.1%}" if peak_flops else "MFU n/a (no peak FLOP/s known)"
-    memory = f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if cuda else ""
+    memory = (f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB allocated, "
+              f"{torch.cuda.max_memory_reserved() / 2**30:.1f} GiB reserved") if cuda else ""
     what = ("Muon+AdamW" if loop == "fast" and t.optimizer == "muon" else "AdamW") + \
         (", compiled" if model is not raw else "")
-    print(f"{loop:5s} ({what}): median step {dt * 1000:,.1f} ms (min {min(times) * 1000:,.1f}, max "
-          f"{max(times) * 1000:,.1f}) over {steps} steps, {tps:,.0f} tokens/s, {mfu}{memory}; warm-up {warmup:.1f} s; "
-          f"loss {loss:.3f}, grad norm {norm:.2f}", flush=True)
+    print(f"{loop:7s} ({what}): median step {dt * 1000:,.1f} ms (min {min(times) * 1000:,.1f}, max "
+          f"{max(times) * 1000:,.1f}) over {steps} steps, {tps:,.0f} tokens/s, {mfu}{memory}; warm-up (the compile) "
+          f"{warmup:.1f} s; loss {loss:.3f}, grad norm {norm:.2f}", flush=True)
     if loop == "fast" and phases and cuda:
         report_phases(model, raw, optimizers)
     if loop == "fast" and sizes and cuda:

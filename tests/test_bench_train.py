@@ -1,4 +1,5 @@
-"""bench/bench_train.py on a CPU with the smoke model: both loops run and report, and nothing is written."""
+"""bench/bench_train.py on a CPU with the smoke model: both loops (ours, nanoGPT's) run and report, and nothing is
+written."""
 
 import os
 import re
@@ -22,7 +23,7 @@ def test_smoke_bench_reports_both_loops_and_writes_nothing(tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("bench_train: gpt2 2x64") and "2 x 4 x 64 = 512 tokens/step" in lines[0]
-    for loop, optimizer in (("fast", "Muon+AdamW"), ("plain", "AdamW")):
+    for loop, optimizer in (("fast", "Muon+AdamW"), ("nanogpt", "AdamW")):
         line = next(line for line in lines if line.startswith(f"{loop} "))
         assert f"({optimizer})" in line and "over 2 steps" in line, line
         assert float(re.search(r"([\d,]+) tokens/s", line).group(1).replace(",", "")) > 0, line
@@ -32,4 +33,4 @@ def test_smoke_bench_reports_both_loops_and_writes_nothing(tmp_path):
 def test_bad_bench_flag_is_one_line():
     result = subprocess.run([sys.executable, "bench/bench_train.py", "--loops=fast,slow", "--device=cpu"],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 1 and result.stderr == "error: --loops=fast,slow: use fast, plain or fast,plain\n"
+    assert result.returncode == 1 and result.stderr == "error: --loops=fast,slow: use fast, nanogpt or fast,nanogpt\n"
