@@ -1,27 +1,34 @@
 #!/usr/bin/env bash
-# The GPU figures of bench/NOTES.md in ONE device call of under 8 minutes (H100/H200), run from the repo root.
+# The GPU figures of bench/NOTES.md in ONE device call of about 8 minutes (H100/H200), run from the repo root.
 #
-# The device machine cannot see ../shared: before the call, copy the HellaSwag val set into the git-ignored
-# .device_payload/ and carry it:
-#     mkdir -p .device_payload && cp ../shared/data/hellaswag/hellaswag_val.jsonl .device_payload/
-#     run(command="bash bench/gpu_check.sh", carry=[".device_payload"], timeout_s=560)
-# Without it the HellaSwag part falls back to the 200 rows in data/samples/ (and says so).
+# The device machine sees neither ../shared nor .git: before the call, put the HellaSwag val set and the commit
+# into the git-ignored .device_payload/ and carry it:
+#     mkdir -p .device_payload && cp ../shared/data/hellaswag/hellaswag_val.jsonl .device_payload/ \
+#         && git rev-parse HEAD > .device_payload/commit && git status --porcelain > .device_payload/dirty
+#     run(command="bash bench/gpu_check.sh", carry=[".device_payload"], timeout_s=540)
+# Without the val set the HellaSwag part scores the 200 rows in data/samples/ (and says so).
 #
-# Each part writes $OUT/NN_name.txt as it goes and one line to $OUT/summary.txt (exit status, seconds), under
-# the smaller of its own limit and what is left of BUDGET seconds, so a part that overruns costs only itself.
-# Random weights throughout: speed does not depend on them. Expected: ~6.5 minutes in all.
+# The parts run in order of value, each under the smaller of its own limit and what is left of BUDGET seconds,
+# so a part that overruns costs only itself and the rest. Each writes $OUT/NN_name.txt as it goes and a line to
+# $OUT/summary.txt (exit status, seconds; 124 or 137 = its limit killed it). To rerun a part that was cut, call
+# it alone: PARTS=04 bash bench/gpu_check.sh. Random weights everywhere but part 04.
+#
+# DEVICE=cpu runs every part at toy size on a CPU (tests/test_gpu_check.py does): it proves the plumbing only.
 set -u
 OUT=${OUT:-/tmp/gpu_check}
-BUDGET=${BUDGET:-460}
+BUDGET=${BUDGET:-480}
+DEVICE=${DEVICE:-cuda}
+PARTS=${PARTS:-00,01,02,03,04,05,06,07}
 PY=${PY:-$(command -v python3 || command -v python)}
 HS=.device_payload/hellaswag_val.jsonl
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 
-part() {  # part NAME LIMIT COMMAND...
-  local name=$1 limit=$2 left=$((BUDGET - SECONDS)) start=$SECONDS rc
+part() {  # part NN_NAME LIMIT COMMAND...
+  local name=$1 limit=$2 left=$((BUDGET - SECONDS)) start=$SECONDS rc why
   shift 2
-  if [ "$left" -lt 30 ]; then
+  case ",$PARTS," in *",${name%%_*},"*) ;; *) return ;; esac
+  if [ "$left" -lt 20 ]; then
     echo "$name: skipped, ${left} s of the budget left" | tee -a "$OUT/summary.txt"
     return
   fi
@@ -29,28 +36,63 @@ part() {  # part NAME LIMIT COMMAND...
   echo "=== $name: $*" | tee "$OUT/$name.txt"
   timeout -k 5 "$limit" "$@" 2>&1 | tr '\r' '\n' | grep -v '^\s*$' >> "$OUT/$name.txt"
   rc=${PIPESTATUS[0]}
-  echo "$name: exit $rc, $((SECONDS - start)) s of a $limit s limit$([ "$rc" = 124 ] && echo ': TIMED OUT')" \
-    | tee -a "$OUT/summary.txt"
-  grep -E "${SHOW:-^(bench_|fast|plain|decode|hellaswag,|  |gpt2_124m|fgpt|error|Traceback|[A-Za-z]*Error)}" "$OUT/$name.txt"
+  case $rc in 0) why="" ;; 124|137) why=": TIMED OUT (its limit)" ;; *) why=": FAILED" ;; esac
+  echo "$name: exit $rc, $((SECONDS - start)) s of a $limit s limit$why" | tee -a "$OUT/summary.txt"
+  grep -E "${SHOW:-^(bench_|fast|nanogpt|decode|hellaswag|step [0-9]+(:|/)|.*SDPA picks|.*Graph break|.*Recompil|ceiling|error|Traceback|.*(OutOfMemory|[A-Za-z]*Error))}" \
+    "$OUT/$name.txt" | head -40
 }
 
-SHOW=. part 00_env 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; \
-  $PY -c 'import torch, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda, \
-  torch.cuda.get_device_name(), torch.backends.cudnn.version())'; git rev-parse --short HEAD 2>/dev/null; \
-  git status --porcelain 2>/dev/null | head -5; ls -la $HS 2>&1"
-[ -f "$HS" ] || echo "NOTE: $HS missing: HellaSwag runs on the 200 bundled rows only" | tee -a "$OUT/summary.txt"
+if [ "$DEVICE" = cpu ]; then  # toy sizes: the plumbing, in about a minute
+  TRAIN="configs/smoke.toml --device=cpu --steps=1 --warmup_steps=0"
+  DECODE="--device=cpu --parts=decode --decode_models=2x64 --decode_tokens=8"
+  HSWAG="--device=cpu --parts=hellaswag --hellaswag_model=2x64 --examples=8 --old=False"
+  RUN="configs/smoke.toml --device=cpu --block_size=64 --batch_size=4 --total_batch_size=256"
+  ATTN="--device=cpu --shapes=tiny:2x2x16 --seq=64 --repeats=2"
+  LLAMA="$TRAIN --arch=llama"
+  FGPT="$TRAIN --n_layer=1"
+  MATMUL=256
+else
+  TRAIN="configs/gpt2_124m.toml --steps=3 --warmup_steps=1"
+  DECODE="--device=cuda --parts=decode"
+  HSWAG="--device=cuda --parts=hellaswag $([ -f "$HS" ] && echo "--data=$HS")"
+  RUN="configs/gpt2_124m.toml --batch_size=8 --total_batch_size=65536"
+  ATTN=""
+  LLAMA="configs/llama_124m.toml --steps=3 --warmup_steps=1"
+  FGPT="configs/fgpt_600m_flash.toml --steps=2 --warmup_steps=1"
+  MATMUL=8192
+fi
 
-# which attention kernel SDPA picks at the presets' head shapes, and what each backend costs
-part 01_attention 60 "$PY" bench/bench_attention.py
-# training: train_gpt.py's step vs the plain loop, T=1024, 524,288 tokens/step (1 warm-up step holds the compile)
-part 02_train_gpt2_124m 150 "$PY" bench/bench_train.py configs/gpt2_124m.toml --steps=3 --warmup_steps=1 --phases
-# decoding (batch 1, 512 tokens: plain / cached / item / compiled) and HellaSwag (cold / warm / old, 3 batch sizes);
-# perf_hints name any reason the CUDA graph was skipped
-part 03_inference 170 env TORCH_LOGS=recompiles,perf_hints "$PY" bench/bench_inference.py --device=cuda \
-  $([ -f "$HS" ] && echo "--data=$HS")
-part 04_train_llama_124m 130 "$PY" bench/bench_train.py configs/llama_124m.toml --steps=3 --warmup_steps=1
-part 05_train_fgpt_600m_flash 200 "$PY" bench/bench_train.py configs/fgpt_600m_flash.toml --steps=2 --warmup_steps=1
-# peak memory per micro-batch size (compiled; a new batch size recompiles once): only if time is left
-part 06_memory_gpt2_124m 120 "$PY" bench/bench_train.py configs/gpt2_124m.toml --loops=fast --steps=1 \
-  --warmup_steps=1 --memory_batch_sizes=16,64
+# 00: the machine, the code (the commit from the payload), and the bf16 matmul ceiling that MFU is measured against
+SHOW=. part 00_env 40 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv \
+  2>/dev/null || echo 'no nvidia-smi'; $PY -c 'import torch, sys; print(sys.version.split()[0], torch.__version__, \
+  torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else \"no GPU\", \
+  torch.backends.cudnn.version())'; echo commit \$(cat .device_payload/commit 2>/dev/null || git rev-parse HEAD \
+  2>/dev/null || echo unknown); cat .device_payload/dirty 2>/dev/null | head -5; ls -la $HS 2>&1; \
+  $PY -c 'import time, torch
+n, dev = $MATMUL, \"$DEVICE\"
+a = torch.randn(n, n, device=dev, dtype=torch.bfloat16); b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+sync = torch.cuda.synchronize if dev == \"cuda\" else (lambda: None)
+a @ b; sync(); t0, k = time.perf_counter(), 0
+while time.perf_counter() - t0 < 2: a @ b; k += 1; sync() if k % 10 == 0 else None
+sync(); print(f\"matmul ceiling: {2 * n**3 * k / (time.perf_counter() - t0) / 1e12:.1f} TFLOP/s bf16 ({n}x{n}, 2 s)\")'"
+[ -f "$HS" ] || echo "NOTE: $HS missing: HellaSwag scores the 200 bundled rows only" | tee -a "$OUT/summary.txt"
+
+# 01: training, GPT-2 124M, T=1024, 524,288 tokens/step: train_gpt.py's step vs nanoGPT's (compiled, fused AdamW),
+# with graph breaks and recompiles logged, each step's phases, and the attention kernel SDPA picks
+part 01_train_gpt2_124m 150 env TORCH_LOGS=graph_breaks,recompiles "$PY" bench/bench_train.py $TRAIN --phases
+# 02: decoding at batch 1, 512 tokens: plain / cached / item / compiled (CUDA graph)
+part 02_decode 90 env TORCH_LOGS=recompiles,perf_hints "$PY" bench/bench_inference.py $DECODE
+# 03: HellaSwag, all 10,042 rows: cold, warm, at 3 batch sizes, and the old path
+part 03_hellaswag 90 "$PY" bench/bench_inference.py $HSWAG
+# 04: a real train_gpt.py run on the bundled shards: 15 steps with a checkpoint, then a resume to 30
+RUNDIR=$OUT/run04
+rm -rf "$RUNDIR"
+part 04_train_gpt_run 110 bash -c "$PY train_gpt.py $RUN --data_dir=data/samples/fineweb_edu --val_tokens=8192 \
+  --max_iters=15 --lr_decay_iters=30 --warmup_iters=5 --eval_interval=15 --log_interval=5 --hellaswag_interval=0 \
+  --sample_interval=0 --checkpoint_interval=15 --out_dir=$RUNDIR && $PY train_gpt.py --out_dir=$RUNDIR \
+  --init_from=resume --max_iters=30"
+# 05-07, if time is left: the Llama-style 124M, the 600M preset, the attention backends
+part 05_train_llama_124m 100 "$PY" bench/bench_train.py $LLAMA
+part 06_train_fgpt_600m_flash 150 "$PY" bench/bench_train.py $FGPT
+part 07_attention 60 "$PY" bench/bench_attention.py $ATTN
 echo "done in $SECONDS s; files in $OUT:" && ls "$OUT"
