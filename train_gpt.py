@@ -604,6 +604,9 @@ if epochs > 1:
               "(python data/fineweb_edu.py --max_tokens=...) or lower max_iters")
 if hellaswag_note:
     log.print(hellaswag_note)
+if step >= max_iters:
+    log.print(f"the run is already at max_iters={max_iters}: nothing to train; to go on, pass a larger --max_iters "
+              "(set --lr_decay_iters to the final length from the start, so the schedule stays smooth)")
 if init_from == "resume":  # a changed rate or schedule setting moves the learning rates under a resumed run's feet
     was, now = lr_factor(step, saved), lr_factor(step, config)
     changed = changed_settings(saved, config, ("learning_rate", "muon_lr", "embedding_lr", "head_lr", "scalar_lr",

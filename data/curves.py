@@ -22,9 +22,9 @@ if not __package__:  # run as a script: data/ is not a package on the path yet
 
 from data import UserError, one_line_errors  # noqa: E402
 
-# (title, [(metrics.jsonl key, legend suffix)], zoom): one panel each, always all six, so that pictures of
-# different runs line up. zoom: the y range leaves out the first 10% of steps (the loss starts near
-# ln(50304) = 10.8 and would flatten the rest) and, for grad norm, spikes above 3x the median.
+# (title, [(metrics.jsonl key, legend suffix)], zoom): one panel each, for the metrics a run measured. zoom: the
+# y range leaves out the first 10% of train steps (the loss starts near ln(50304) = 10.8 and would flatten
+# the rest; the val points stay inside) and, for grad norm, spikes above 3x the median.
 PANELS = [
     ("loss", [("loss", "train"), ("val_loss", "val")], True),
     ("HellaSwag acc_norm", [("hellaswag", "")], False),
@@ -69,42 +69,63 @@ def smooth(values, beta=0.9):
 
 
 def draw_curves(runs, out, labels=None):
-    """Draw the runs (run dirs) on one figure of six panels and write it to `out` (a PNG), through a
-    temp file, so a reader never sees half a picture. Raises ModuleNotFoundError without matplotlib."""
+    """Draw the runs (run dirs) on one figure and write it to `out` (a PNG), through a temp file, so a
+    reader never sees half a picture. Raises ModuleNotFoundError without matplotlib."""
+    fig = curves_figure(runs, labels)
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def curves_figure(runs, labels=None):
+    """The matplotlib Figure of the runs' curves: a panel per metric that some run measured."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state in a training process
 
     runs = [Path(r) for r in runs]
     labels = labels or [r.resolve().name for r in runs]
     data = [read_metrics(r) for r in runs]
-    fig = Figure(figsize=(12, 6.5), dpi=80, layout="constrained")
-    axes = fig.subplots(2, 3).flatten()
+    # one panel per metric some run measured: an SFT run has no HellaSwag, a CPU run no MFU
+    panels = [panel for panel in PANELS if any(series(records, key)[0] for records in data for key, _ in panel[1])]
+    if not panels:
+        raise UserError(f"{', '.join(map(str, runs))}: no metrics recorded yet, so nothing to draw")
+    rows, cols = math.ceil(len(panels) / 3), min(3, len(panels))
+    fig = Figure(figsize=(4 * cols, 3.25 * rows), dpi=80, layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).flatten()
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
     colors = [f"C{i % 10}" for i in range(len(runs))]
-    for ax, (title, keys, zoom) in zip(axes, PANELS, strict=True):
-        drawn, late = False, []
+    for ax, (title, keys, zoom) in zip(axes, panels, strict=False):
+        late = []
         for records, label, color in zip(data, labels, colors, strict=True):
             for key, suffix in keys:
                 steps, values = series(records, key)
                 if not steps:
                     continue
                 name = " ".join(part for part in (label if len(runs) > 1 else "", suffix) if part) or None
-                if key in ("val_loss", "hellaswag"):  # a few points: markers
+                if key in ("val_loss", "hellaswag"):  # a few points: markers, each inside the axis
                     ax.plot(steps, values, "o-", color=color, markersize=4, linewidth=1.5, label=name)
+                    late += values
                 elif len(values) > 50 and key in ("loss", "grad_norm"):  # noisy: faint raw line, smoothed on top
                     ax.plot(steps, values, "-", color=color, alpha=0.25, linewidth=0.8)
                     ax.plot(steps, smooth(values), "-", color=color, linewidth=1.2, label=name)
                 else:
                     ax.plot(steps, values, "-", color=color, linewidth=1.2, alpha=0.7 if key == "loss" else 1,
                             label=name)
-                drawn = True
-                late += [v for s, v in zip(steps, values, strict=True) if s >= 0.1 * steps[-1]]
+                if key != "val_loss":
+                    late += [v for s, v in zip(steps, values, strict=True) if s >= 0.1 * steps[-1]]
         ax.set_title(title, fontsize=11)
         ax.set_xlabel("step", fontsize=9)
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
-        if not drawn:
-            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, color="gray")
-            continue
-        if zoom and late:
+        if title.startswith("HellaSwag"):  # 4 endings: 0.25 is chance; a range where one question in 50 is a blip
+            ax.axhline(0.25, color="gray", linestyle="--", linewidth=1, label="chance")
+            ax.set_ylim(min(0.2, min(late) - 0.02), max(0.4, max(late) + 0.02))
+        elif zoom and late:
             low, high = min(late), max(late)
             if title.startswith("grad norm"):
                 high = min(high, 3 * sorted(late)[len(late) // 2])
@@ -117,14 +138,7 @@ def draw_curves(runs, out, labels=None):
         steps, values = series(records, "val_loss")
         summary.append(f"{label}: val loss {values[-1]:.4f} at step {steps[-1]}" if steps else f"{label}: no val loss")
     fig.suptitle(" | ".join(summary), fontsize=11)
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return fig
 
 
 def main(argv=None):

@@ -101,3 +101,21 @@ def test_training_logs_progress_and_leaves_curves(smoke_run, tmp_path, capsys):
         for line in lines:
             assert re.search(r", \d+ ms/step \| \d+s elapsed, ETA \d+s$", line), line
             assert "MFU" not in line, line
+
+
+def test_panels_are_the_measured_metrics_with_honest_axes(tmp_path):
+    from data.curves import curves_figure
+
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"step": 0, "val_loss": 10.8}] + [{"step": s, "loss": 6 - s / 100, "lr": 1e-3} for s in range(1, 101)]
+    records += [{"step": 100, "val_loss": 5.1, "hellaswag": 0.26}, {"step": 50, "hellaswag": 0.25}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    axes = {ax.get_title(): ax for ax in curves_figure([run]).axes if ax.get_visible()}
+    assert set(axes) == {"loss", "HellaSwag acc_norm", "learning rate"}  # nothing "not measured"
+    low, high = axes["loss"].get_ylim()
+    assert low < 5.1 and high > 10.8  # the step-0 val point is inside the axis
+    low, high = axes["HellaSwag acc_norm"].get_ylim()
+    assert low <= 0.2 and high >= 0.4  # one question in 50 does not fill the panel
+    assert any(line.get_label() == "chance" and set(line.get_ydata()) == {0.25} for line in
+               axes["HellaSwag acc_norm"].get_lines())
