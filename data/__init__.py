@@ -10,6 +10,7 @@
     fineweb_edu.py, sft_mix.py   data-prep scripts (no torch)
 """
 
+import argparse
 import os
 import socket
 import sys
@@ -24,6 +25,13 @@ class UserError(Exception):
 
     Library code raises it; a script that called one_line_errors() prints it as one line on stderr
     and exits with status 1, instead of a traceback."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a bad argument a UserError (one line, exit 1) rather than usage text and exit 2."""
+
+    def error(self, message):
+        raise UserError(f"{message}; see --help")
 
 
 def one_line_errors():

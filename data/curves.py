@@ -10,7 +10,6 @@ end (data/run.py RunLog); several runs on one figure compare them, one colour pe
 matplotlib is optional: it is imported when a picture is drawn, never before.
 """
 
-import argparse
 import json
 import math
 import os
@@ -20,7 +19,7 @@ from pathlib import Path
 if not __package__:  # run as a script: data/ is not a package on the path yet
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data import UserError, one_line_errors  # noqa: E402
+from data import ArgumentParser, UserError, one_line_errors  # noqa: E402
 
 # (title, [(metrics.jsonl key, legend suffix)], zoom): one panel each, for the metrics a run measured. zoom: the
 # y range leaves out the first 10% of train steps (the loss starts near ln(50304) = 10.8 and would flatten
@@ -142,7 +141,7 @@ def curves_figure(runs, labels=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Draw runs' metrics.jsonl curves to a PNG; several runs overlay.")
+    parser = ArgumentParser(description="Draw runs' metrics.jsonl curves to a PNG; several runs overlay.")
     parser.add_argument("runs", nargs="+", help="run dirs (out_dir of train_gpt.py or finetune_sft.py)")
     parser.add_argument("--out", default="", help="the PNG to write; default RUN/curves.png for one run")
     parser.add_argument("--labels", default="", help="comma-separated legend names, one per run; default the dir names")

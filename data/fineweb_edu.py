@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from data import UserError, one_line_errors, reach_hub  # noqa: E402
+from data import ArgumentParser, UserError, one_line_errors, reach_hub  # noqa: E402
 from data.shards import prep_id, staged_prep, write_manifest, write_shard  # noqa: E402
 from data.tokenizer import EOT, get_tokenizer  # noqa: E402
 
@@ -264,7 +264,7 @@ def count(text):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--source", action="append", default=[],
                         help=f"local .jsonl/.parquet/.txt files or globs (repeat or comma separate); "
                              f"default: stream {HF_DATASET} {HF_CONFIG}")
@@ -283,6 +283,8 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if not 0 < args.shard_size < 2**31:
         raise UserError(f"--shard_size {args.shard_size}: must be in 1 .. 2**31-1 (a shard's count is an int32)")
+    if not 0 <= args.seed < 2**32:
+        raise UserError(f"--seed {args.seed}: must lie in [0, 2**32)")
     if not 0 <= args.val_fraction <= 1:
         raise UserError(f"--val_fraction {args.val_fraction}: must be between 0 and 1")
     for name in ("max_tokens", "val_tokens"):

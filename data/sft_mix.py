@@ -41,7 +41,6 @@ render_chat); the loss mask is re-derived from those ids when training.
 The same inputs and arguments give byte-identical files.
 """
 
-import argparse
 import hashlib
 import json
 import math
@@ -54,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from data import UserError, one_line_errors, reach_hub  # noqa: E402
+from data import ArgumentParser, UserError, one_line_errors, reach_hub  # noqa: E402
 from data.fineweb_edu import as_tokenized  # noqa: E402
 from data.shards import prep_id, staged_prep, write_examples, write_manifest  # noqa: E402
 from data.tokenizer import EOT, render_chat  # noqa: E402
@@ -206,7 +205,7 @@ def collect(source, rows, name, args, seen):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--sources", default=",".join(SOURCES), help="comma separated, from " + ", ".join(SOURCES))
     for source in SOURCES:
         parser.add_argument(f"--{source}", default="", metavar="PATH",
@@ -222,6 +221,10 @@ def parse_args(argv):
     parser.add_argument("--val_fraction", type=float, default=0.02, help="fraction of the examples held out as val")
     parser.add_argument("--seed", type=int, default=1337, help="seeds the subsets, the split and the order")
     args = parser.parse_args(argv)
+    if not 0 <= args.seed < 2**32:
+        raise UserError(f"--seed {args.seed}: must lie in [0, 2**32) (numpy's seeds)")
+    if not 0 < args.val_fraction < 1:
+        raise UserError(f"--val_fraction {args.val_fraction}: must lie between 0 and 1")
     args.sources = [s.strip() for s in args.sources.split(",") if s.strip()]
     unknown = [s for s in args.sources if s not in SOURCES]
     if unknown or not args.sources:

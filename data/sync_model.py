@@ -8,13 +8,12 @@ and all of them build the same model. Edit the model in train_gpt.py, then run t
 The model section is the text from the `# ---...--- model` line to the `# ---...--- end of model` line.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data import REPO_ROOT, UserError, one_line_errors  # noqa: E402
+from data import REPO_ROOT, ArgumentParser, UserError, one_line_errors  # noqa: E402
 
 SOURCE = "train_gpt.py"
 COPIES = ("finetune_sft.py", "sample.py", "eval_hellaswag.py", "export_hf.py")
@@ -54,7 +53,7 @@ def sync(check=False, root=REPO_ROOT):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only list the copies that differ; exit 1 if any do")
     args = parser.parse_args(argv)
     stale = sync(check=args.check)
