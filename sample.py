@@ -4,7 +4,7 @@ Sample from a trained GPT; the text streams to stdout as it is generated.
     python sample.py "Once upon a time"                            # the newest logs/*/ckpt.pt
     python sample.py "The meaning of life is" --ckpt=logs/gpt2_124m --num_samples=3 --temperature=0.8
     python sample.py "Name three primary colors." --ckpt=logs/sft  # an SFT checkpoint: chat, only the reply
-    python sample.py --interactive --ckpt=logs/sft                 # one prompt per line, until EOF or an empty line
+    python sample.py --interactive --ckpt=logs/sft                 # a conversation: a prompt per line, /reset, EOF
     python sample.py --prompt_file=prompt.txt --temperature=0      # greedy
 
 Every prompt starts after an <|endoftext|>, where each pretraining document starts; an empty
@@ -27,7 +27,7 @@ from data import UserError, one_line_errors
 from data.checkpoint import load_checkpoint, resolve_checkpoint
 from data.run import pick_autocast, pick_device
 from data.settings import check_settings, parse_settings
-from data.tokenizer import ASSISTANT, EOT, VOCAB_SIZE, chat_prompt, get_tokenizer
+from data.tokenizer import ASSISTANT, EOT, VOCAB_SIZE, chat_context, chat_prompt, get_tokenizer
 
 one_line_errors()
 
@@ -42,7 +42,7 @@ top_k = 200  # sample only from the k likeliest tokens; 0 = off
 top_p = 1.0  # sample only from the smallest set of tokens whose probability reaches p; 1.0 = off
 seed = 1337  # the same seed gives the same text
 chat = False  # wrap the prompt in the chat template and print only the reply (automatic for SFT checkpoints)
-interactive = False  # read prompts from stdin, one per line, until EOF or an empty line
+interactive = False  # read prompts from stdin, one per line, until EOF or an empty line; a chat remembers (/reset)
 use_cache = True  # KV cache: after the prompt, each forward takes one token
 stream_chunk = 8  # tokens printed at a time: one wait for the GPU per chunk instead of one per token
 device = "auto"  # "auto" (cuda > mps > cpu), "cuda", "mps", "cpu"
@@ -448,17 +448,18 @@ def in_chunks(tokens, size):
 
 
 def stream(ids):
-    """Generate after the token ids and print the text as it comes, up to <|endoftext|>."""
+    """Generate after the token ids and print the text as it comes, up to <|endoftext|>; return that text."""
     # a character's bytes may be split over several tokens: print it once it is complete
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     idx = torch.tensor([ids], device=device)
     tokens = model.generate(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator, cache)
-    n = 0
+    n, reply = 0, []
     for chunk in in_chunks(tokens, stream_chunk):
         end = EOT in chunk
         if end:  # what the model generated after <|endoftext|> is dropped
             chunk = chunk[: chunk.index(EOT)]
         n += len(chunk)
+        reply += chunk
         text = b"".join(enc.decode_single_token_bytes(t) for t in chunk if t < enc.n_vocab)  # padding ids: no text
         print(decoder.decode(text), end="", flush=True)
         if end:
@@ -466,21 +467,34 @@ def stream(ids):
     print(decoder.decode(b"", final=True), flush=True)
     if n == 0:
         print("[the model ended the text at once (<|endoftext|>); try another --seed or prompt]", file=sys.stderr)
+    return enc.decode([t for t in reply if t < enc.n_vocab])
 
 
-def respond(text):
-    ids = [EOT, *(chat_prompt(text) if chat else enc.encode_ordinary(text))]
+def respond(text, history=None):
+    """Samples after text; in a chat with a history (a list of (prompt, reply)), the conversation so far comes
+    first and the first sample's reply joins it."""
+    if history is None:
+        ids = [EOT, *(chat_prompt(text) if chat else enc.encode_ordinary(text))]
+    else:  # keep room for the reply: whole old turns go first
+        ids, dropped = chat_context(history, text, max(1, model.config.block_size - max_new_tokens))
+        if dropped:
+            print(f"[the context is full: the oldest {dropped} turn(s) dropped]", file=sys.stderr)
+            del history[:dropped]
+    replies = []
     for i in range(num_samples):
         if i > 0:
             print("---------------")
         if not chat:
             print(text, end="", flush=True)
-        stream(ids)
+        replies.append(stream(ids))
+    if history is not None:
+        history.append((text, replies[0]))
 
 
 if not interactive:
     respond(prompt)
-else:
+else:  # a chat checkpoint remembers the conversation; /reset starts afresh
+    history = [] if chat else None
     while True:
         try:
             line = input("> " if sys.stdin.isatty() else "")
@@ -488,4 +502,8 @@ else:
             break
         if not line.strip():
             break
-        respond(line)
+        if chat and line.strip() == "/reset":
+            history.clear()
+            print("[a new conversation]", file=sys.stderr)
+            continue
+        respond(line, history)

@@ -77,3 +77,15 @@ def reply_mask(ids):
     latest = np.maximum.accumulate(np.where(is_special, np.arange(len(ids)), -1))  # at or before each position
     before = np.concatenate([[-1], latest[:-1]])  # strictly before it; -1: none
     return ((before >= 0) & (ids[before] == ASSISTANT)).astype(np.uint8)
+
+
+def chat_context(turns, prompt, max_tokens):
+    """Token ids of a conversation so far, (prompt, reply) turns, then the new prompt: <|endoftext|>, each turn
+    in the template the multi-turn SFT data uses, then <|user|>{prompt}<|assistant|>. Whole turns are dropped,
+    oldest first, until it fits in max_tokens (the new prompt is always kept). Returns (ids, turns dropped)."""
+    new = chat_prompt(prompt)
+    for dropped in range(len(turns) + 1):
+        ids = [EOT, *render_chat(turns[dropped:])[0], *new]
+        if len(ids) <= max_tokens:
+            break
+    return ids, dropped

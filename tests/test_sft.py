@@ -23,7 +23,7 @@ from data.loaders import ExampleLoader
 from data.sft_mix import REASONS
 from data.sft_mix import main as mix
 from data.shards import read_examples, write_examples, write_manifest
-from data.tokenizer import ASSISTANT, EOT, USER, chat_prompt, get_tokenizer, render_chat, reply_mask
+from data.tokenizer import ASSISTANT, EOT, USER, chat_context, chat_prompt, get_tokenizer, render_chat, reply_mask
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny model runs faster on one thread than on two fighting for 2 cores
 PAIRS = [  # (instruction, input, output): a handful a tiny model can learn by heart
@@ -69,6 +69,29 @@ def conversation(*pairs):
 
 
 # ----------------------------------------------------------------------------- template and mask
+
+
+def test_chat_context_is_the_multi_turn_template_and_drops_whole_old_turns():
+    turns = [("Hi.", "Hello."), ("Name a color.", "Red."), ("And another?", "Blue.")]
+    ids, dropped = chat_context(turns, "One more?", 1000)
+    assert dropped == 0 and ids == [EOT, *render_chat(turns)[0], *chat_prompt("One more?")]
+    assert ids == [*example(*turns), *chat_prompt("One more?")]  # what multi-turn SFT examples hold, then the prompt
+    full = len(ids)
+    ids, dropped = chat_context(turns, "One more?", full - 1)  # one token short: the oldest turn goes
+    assert dropped == 1 and ids == [EOT, *render_chat(turns[1:])[0], *chat_prompt("One more?")]
+    ids, dropped = chat_context(turns, "One more?", 3)  # too small for any turn: the new prompt alone
+    assert dropped == 3 and ids == [EOT, *chat_prompt("One more?")]
+
+
+def test_interactive_chat_remembers_and_resets(tmp_path):
+    make_checkpoint(tmp_path / "sft" / "ckpt.pt", chat=True)  # block_size 64
+    lines = "What is the capital of France?\nAnd of Germany, and of every country in Europe?\n/reset\nHi\n"
+    result = subprocess.run([sys.executable, "sample.py", "--interactive", f"--ckpt={tmp_path / 'sft'}",
+                             "--device=cpu", "--max_new_tokens=30", "--seed=1"], cwd=ROOT, input=lines,
+                            capture_output=True, text=True, env=ENV, timeout=300)
+    assert result.returncode == 0, result.stderr
+    notes = [line for line in result.stderr.splitlines() if not line.startswith("[" + str(tmp_path))]
+    assert notes == ["[the context is full: the oldest 1 turn(s) dropped]", "[a new conversation]"], notes
 
 
 def test_template_has_single_special_ids_and_marker_strings_stay_text():
