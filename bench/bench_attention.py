@@ -10,13 +10,11 @@ Settings: the block below, then --key=value (or --key value).
 """
 
 import contextlib
-import statistics
 import sys
-import time
 
-import stage_code  # noqa: F401  (bench/: puts the repo root on sys.path)
 import torch
 import torch.nn.functional as F
+from stage_code import median_ms  # bench/: puts the repo root on sys.path
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from data import UserError, one_line_errors
@@ -43,25 +41,6 @@ if cuda:
                     efficient=SDPBackend.EFFICIENT_ATTENTION, math=SDPBackend.MATH)
 
 
-def median_ms(fn):
-    """Median milliseconds of fn: by CUDA events on the GPU (the kernels alone), by the clock elsewhere."""
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
-
-
 def kernels_picked(fn):
     """The attention kernels the profiler sees in one call: what SDPA chose by itself."""
     with torch.profiler.profile() as prof:
@@ -85,7 +64,8 @@ def bench_shape(name, B, H, D):
     for backend, choice in BACKENDS.items():
         try:
             with sdpa_kernel([choice]) if choice is not None else contextlib.nullcontext():
-                ms = median_ms(fwd_bwd)
+                fwd_bwd()  # warm-up
+                ms = median_ms(fwd_bwd, repeats, cuda)
             print(f"{name} {B}x{H}x{seq}x{D}: {backend:9s} {ms:7.2f} ms per layer, {flop / ms / 1e9:5.0f} TFLOP/s",
                   flush=True)
         except RuntimeError as e:

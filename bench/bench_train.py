@@ -24,7 +24,7 @@ import time
 from types import SimpleNamespace
 
 import torch
-from stage_code import REPO_ROOT, model_namespace, script_settings  # bench/: puts the repo root on sys.path
+from stage_code import REPO_ROOT, median_ms, model_namespace, script_settings  # bench/: puts the repo root on sys.path
 
 from data import UserError, one_line_errors
 from data.run import pick_autocast, pick_device
@@ -145,23 +145,10 @@ def train_step(model, raw, optimizers, lrs):
     return (loss_sum / grad_accum).item(), norm.item()  # the NaN guard's host sync, as in train_gpt.py
 
 
-def event_ms(fn, repeats=5):
-    """Median milliseconds of fn on the GPU, by CUDA events."""
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def report_phases(model, raw, optimizers):
-    fwd_bwd = event_ms(lambda: micro_step(model))
-    clip = event_ms(lambda: torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0))
-    opts = ", ".join(f"{type(opt).__name__} {event_ms(opt.step):.2f} ms" for opt in optimizers)
+    fwd_bwd = median_ms(lambda: micro_step(model), 5, cuda=True)
+    clip = median_ms(lambda: torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0), 5, cuda=True)
+    opts = ", ".join(f"{type(opt).__name__} {median_ms(opt.step, 5, cuda=True):.2f} ms" for opt in optimizers)
     print(f"fast phases: micro-step forward+backward {fwd_bwd:.2f} ms (x{grad_accum} = {fwd_bwd * grad_accum:.0f} "
           f"ms), clip {clip:.2f} ms, {opts}", flush=True)
 

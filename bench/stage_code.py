@@ -3,7 +3,9 @@ model markers, the same in every stage script) and train_gpt.py's settings block
 without the script's setup or loop. Nothing else is imported from the scripts, so nothing runs."""
 
 import math
+import statistics
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,3 +46,22 @@ def script_settings(script="train_gpt.py"):
     namespace = {}
     exec(compile(_between(script, SETTINGS_BEGIN, SETTINGS_END), str(REPO_ROOT / script), "exec"), namespace)
     return {k: v for k, v in namespace.items() if not k.startswith("_") and type(v) in (int, float, bool, str)}
+
+
+def median_ms(fn, repeats, cuda):
+    """Median milliseconds of fn over repeats calls: by CUDA events on the GPU (its kernels, not the host's
+    launch time), by the clock elsewhere."""
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
