@@ -366,10 +366,7 @@ def test_bad_files_are_refused(tmp_path):
     assert "latin1.toml: not valid UTF-8" in refused(tmp_path / "run", tmp_path / "latin1.toml")
     (tmp_path / "afile").write_text("not a dir")
     assert "cannot write to out_dir" in refused(tmp_path / "afile", "--max_iters=1")
-    read_only = tmp_path / "read_only"
-    read_only.mkdir(mode=0o555)
-    if not __import__("os").access(read_only, __import__("os").W_OK):  # root writes anywhere
-        assert "cannot write to out_dir" in refused(read_only / "run", "--max_iters=1")
+    assert "cannot write to out_dir" in refused(tmp_path / "afile" / "run", "--max_iters=1")  # fails for root too
 
     # damaged checkpoints: each names the file and what is wrong, never a traceback
     run = tmp_path / "good"
