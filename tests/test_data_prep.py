@@ -224,7 +224,7 @@ def test_source_errors(tmp_path):
         with pytest.raises(UserError, match="--shard_size"):
             prep(REAL, tmp_path / "out", "--shard_size", bad)
     for bad in ("1.5", "x"):
-        with pytest.raises(SystemExit):  # argparse's own usage error
+        with pytest.raises(UserError, match="argument --shard_size: .* see --help"):  # argparse's, in one line
             prep(REAL, tmp_path / "out", "--shard_size", bad)
 
 
