@@ -51,6 +51,7 @@ if [ "$DEVICE" = cpu ]; then  # toy sizes: the plumbing, in about a minute
   LLAMA="$TRAIN --arch=llama"
   FGPT="$TRAIN --n_layer=1"
   MATMUL=256
+  STEPS=3
 else
   TRAIN="configs/gpt2_124m.toml --steps=3 --warmup_steps=1"
   DECODE="--device=cuda --parts=decode"
@@ -60,6 +61,7 @@ else
   LLAMA="configs/llama_124m.toml --steps=3 --warmup_steps=1"
   FGPT="configs/fgpt_600m_flash.toml --steps=2 --warmup_steps=1"
   MATMUL=8192
+  STEPS=15
 fi
 
 # 00: the machine, the code (the commit from the payload), and the bf16 matmul ceiling that MFU is measured against
@@ -88,9 +90,9 @@ part 03_hellaswag 90 "$PY" bench/bench_inference.py $HSWAG
 RUNDIR=$OUT/run04
 rm -rf "$RUNDIR"
 part 04_train_gpt_run 110 bash -c "$PY train_gpt.py $RUN --data_dir=data/samples/fineweb_edu --val_tokens=8192 \
-  --max_iters=15 --lr_decay_iters=30 --warmup_iters=5 --eval_interval=15 --log_interval=5 --hellaswag_interval=0 \
-  --sample_interval=0 --checkpoint_interval=15 --out_dir=$RUNDIR && $PY train_gpt.py --out_dir=$RUNDIR \
-  --init_from=resume --max_iters=30"
+  --max_iters=$STEPS --lr_decay_iters=$((2 * STEPS)) --warmup_iters=5 --eval_interval=$STEPS --log_interval=5 \
+  --hellaswag_interval=0 --sample_interval=0 --checkpoint_interval=$STEPS --out_dir=$RUNDIR && $PY train_gpt.py \
+  --out_dir=$RUNDIR --init_from=resume --max_iters=$((2 * STEPS))"
 # 05-07, if time is left: the Llama-style 124M, the 600M preset, the attention backends
 part 05_train_llama_124m 100 "$PY" bench/bench_train.py $LLAMA
 part 06_train_fgpt_600m_flash 150 "$PY" bench/bench_train.py $FGPT
