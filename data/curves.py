@@ -23,7 +23,7 @@ from data import ArgumentParser, UserError, one_line_errors  # noqa: E402
 
 # (title, [(metrics.jsonl key, legend suffix)], zoom): one panel each, for the metrics a run measured. zoom: the
 # y range leaves out the first 10% of train steps (the loss starts near ln(50304) = 10.8 and would flatten
-# the rest; the val points stay inside) and, for grad norm, spikes above 3x the median.
+# the rest; the val points up to the first one stay inside) and, for grad norm, spikes above 3x the median.
 PANELS = [
     ("loss", [("loss", "train"), ("val_loss", "val")], True),
     ("HellaSwag acc_norm", [("hellaswag", "")], False),
@@ -93,7 +93,8 @@ def curves_figure(runs, labels=None):
     if not panels:
         raise UserError(f"{', '.join(map(str, runs))}: no metrics recorded yet, so nothing to draw")
     rows, cols = math.ceil(len(panels) / 3), min(3, len(panels))
-    fig = Figure(figsize=(4 * cols, 3.25 * rows), dpi=80, layout="constrained")
+    fig = Figure(figsize=(max(4 * cols, 8), 3.25 * rows + (0.25 * len(runs) if len(runs) > 2 else 0.5)), dpi=80,
+                 layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).flatten()
     for ax in axes[len(panels):]:
         ax.set_visible(False)
@@ -106,9 +107,9 @@ def curves_figure(runs, labels=None):
                 if not steps:
                     continue
                 name = " ".join(part for part in (label if len(runs) > 1 else "", suffix) if part) or None
-                if key in ("val_loss", "hellaswag"):  # a few points: markers, each inside the axis
+                if key in ("val_loss", "hellaswag"):  # a few points: markers, inside the axis up to the first one
                     ax.plot(steps, values, "o-", color=color, markersize=4, linewidth=1.5, label=name)
-                    late += values
+                    late += [v for v in values if v <= values[0]] if key == "val_loss" else values
                 elif len(values) > 50 and key in ("loss", "grad_norm"):  # noisy: faint raw line, smoothed on top
                     ax.plot(steps, values, "-", color=color, alpha=0.25, linewidth=0.8)
                     ax.plot(steps, smooth(values), "-", color=color, linewidth=1.2, label=name)
@@ -136,7 +137,7 @@ def curves_figure(runs, labels=None):
     for records, label in zip(data, labels, strict=True):
         steps, values = series(records, "val_loss")
         summary.append(f"{label}: val loss {values[-1]:.4f} at step {steps[-1]}" if steps else f"{label}: no val loss")
-    fig.suptitle(" | ".join(summary), fontsize=11)
+    fig.suptitle(("\n" if len(runs) > 2 else " | ").join(summary), fontsize=10)  # many runs: a line each
     return fig
 
 
