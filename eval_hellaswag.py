@@ -374,6 +374,12 @@ class GPT(nn.Module):
                             "or its local cache") from None
 
 
+def muon_momentum_at(step, c):
+    """Muon's momentum at `step`: from 0.85 up to muon_momentum over muon_momentum_warmup steps."""
+    frac = min(1.0, step / c["muon_momentum_warmup"]) if c["muon_momentum_warmup"] else 1.0
+    return (1 - frac) * 0.85 + frac * c["muon_momentum"]
+
+
 def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     """Pick one token per row of logits (B, V): greedy at temperature 0, else sample from the
     softmax restricted to the top_k tokens and to the smallest set whose probability reaches top_p."""

@@ -112,12 +112,6 @@ def lr_factor(step, c):
     return 1 - (1 - c["min_lr_frac"]) * min(1.0, (step - c["warmup_iters"]) / max(1, end - c["warmup_iters"]))
 
 
-def muon_momentum_at(step, c):
-    """Muon's momentum at `step`: from 0.85 up to muon_momentum over muon_momentum_warmup steps."""
-    frac = min(1.0, step / c["muon_momentum_warmup"]) if c["muon_momentum_warmup"] else 1.0
-    return (1 - frac) * 0.85 + frac * c["muon_momentum"]
-
-
 # ----------------------------------------------------------------------------- model
 # The same text stands in train_gpt.py, finetune_sft.py, sample.py, eval_hellaswag.py and export_hf.py
 # (tests/test_model_sync.py checks), so each stage script reads on its own.
@@ -438,6 +432,12 @@ class GPT(nn.Module):
         except OSError as e:
             raise UserError(f"could not load {name} weights ({str(e).splitlines()[0]}); they come from the HF Hub "
                             "or its local cache") from None
+
+
+def muon_momentum_at(step, c):
+    """Muon's momentum at `step`: from 0.85 up to muon_momentum over muon_momentum_warmup steps."""
+    frac = min(1.0, step / c["muon_momentum_warmup"]) if c["muon_momentum_warmup"] else 1.0
+    return (1 - frac) * 0.85 + frac * c["muon_momentum"]
 
 
 def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from data import UserError, one_line_errors
 from data.checkpoint import (
+    RATES,
     check_resumable,
     last_good_checkpoint,
     load_checkpoint,
@@ -142,12 +143,6 @@ def lr_factor(step, c):
         return 1 - (1 - c["min_lr_frac"]) * min(1.0, max(0.0, step - decay_start) / max(1, end - decay_start))
     progress = min(1.0, (step - c["warmup_iters"]) / max(1, end - c["warmup_iters"]))
     return c["min_lr_frac"] + (1 - c["min_lr_frac"]) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def muon_momentum_at(step, c):
-    """Muon's momentum at `step`: from 0.85 up to muon_momentum over muon_momentum_warmup steps."""
-    frac = min(1.0, step / c["muon_momentum_warmup"]) if c["muon_momentum_warmup"] else 1.0
-    return (1 - frac) * 0.85 + frac * c["muon_momentum"]
 
 
 # ----------------------------------------------------------------------------- model
@@ -472,6 +467,12 @@ class GPT(nn.Module):
                             "or its local cache") from None
 
 
+def muon_momentum_at(step, c):
+    """Muon's momentum at `step`: from 0.85 up to muon_momentum over muon_momentum_warmup steps."""
+    frac = min(1.0, step / c["muon_momentum_warmup"]) if c["muon_momentum_warmup"] else 1.0
+    return (1 - frac) * 0.85 + frac * c["muon_momentum"]
+
+
 def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     """Pick one token per row of logits (B, V): greedy at temperature 0, else sample from the
     softmax restricted to the top_k tokens and to the smallest set whose probability reaches top_p."""
@@ -610,8 +611,7 @@ if step >= max_iters:
               "(set --lr_decay_iters to the final length from the start, so the schedule stays smooth)")
 if init_from == "resume":  # a changed rate or schedule setting moves the learning rates under a resumed run's feet
     was, now = lr_factor(step, saved), lr_factor(step, config)
-    changed = changed_settings(saved, config, ("learning_rate", "muon_lr", "embedding_lr", "head_lr", "scalar_lr",
-                                               "lr_ref_width"))
+    changed = changed_settings(saved, config, (*RATES, "lr_ref_width"))
     if not math.isclose(was, now):
         changed += changed_settings(saved, config, ("max_iters", "warmup_iters", "lr_schedule", "lr_decay_iters",
                                                     "min_lr_frac", "decay_frac"))
@@ -734,7 +734,8 @@ while True:
     if step % log_interval == 0 or step == max_iters:
         now = time.perf_counter()
         tps = tokens_since / (now - time_since)
-        rec = {"step": step, "loss": loss_value, "lr": base_lrs[-1][0] * lr_now, "grad_norm": norm_value,
+        rec = {"step": step, "loss": loss_value, "lr": base_lrs[-1][0] * lr_now,  # Muon's (muon), AdamW's (adamw)
+               "grad_norm": norm_value,
                "param_norm": param_norm(raw_model), "tokens_per_sec": tps, "mfu": mfu(tps), "epoch": loader.epoch}
         eta = (now - run_start) / (step - start_step) * (max_iters - step)  # evals and checkpoints included
         log.print(f"step {step}/{max_iters}: loss {loss_value:.4f}, lr {rec['lr']:.2e}, grad norm {norm_value:.3f}, "

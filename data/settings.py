@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from data import UserError
+from data import REPO_ROOT, UserError
 from data.checkpoint import upgrade_settings
 
 
@@ -54,7 +54,7 @@ def help_text(script, defaults):
     lines = [(ast.get_docstring(ast.parse(text)) or "").strip(), "", f"settings of {script.name} (--key=value, "
              "or a configs/*.toml file; in that order after these defaults):"]
     comments = {}
-    for source in (text, (Path(__file__).resolve().parent.parent / "train_gpt.py").read_text(encoding="utf-8")):
+    for source in (text, (REPO_ROOT / "train_gpt.py").read_text(encoding="utf-8")):
         for line in source.splitlines():
             match = SETTING.match(line)
             if match and match[1] in defaults and match[1] not in comments:

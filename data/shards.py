@@ -207,8 +207,8 @@ def staged_prep(out_dir):
         except OSError:  # the lock file stays: it is the other prep's
             raise UserError(f"another prep is writing {out_dir} now (it holds {lock_path}); wait for it to "
                             "end") from None
-        for left in out_dir.parent.glob(f".{out_dir.name}.[no][el][wd]*"):  # by a prep killed outright
-            shutil.rmtree(left, ignore_errors=True)
+        for left in (*out_dir.parent.glob(f".{out_dir.name}.new*"), *out_dir.parent.glob(f".{out_dir.name}.old*")):
+            shutil.rmtree(left, ignore_errors=True)  # left by a prep killed outright
         stage, stale = out_dir.with_name(f".{out_dir.name}.new{os.getpid()}"), []
         stage.mkdir()
         try:
