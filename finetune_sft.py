@@ -541,7 +541,7 @@ compiled = model
 if ddp:
     model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device_type == "cuda" else None)
 
-step, best_val_loss, evals_done_at = 0, float("inf"), -1
+step, best_val_loss, evaluated = 0, float("inf"), False  # evaluated: this step's evals are logged
 if resume:
     # Resume: the optimizer moments, the loader's position and every RNG continue where the run stopped.
     for opt, state in zip(optimizers, checkpoint["optimizers"], strict=True):
@@ -549,7 +549,7 @@ if resume:
     loader.load_state_dict(checkpoint["loader"])
     set_rng_states(checkpoint["rng"])
     step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
-    evals_done_at = step if checkpoint["evals_done"] else -1  # a run stopped by a signal skipped them
+    evaluated = checkpoint["evals_done"]  # False when a signal stopped the run before they ran
     saved = checkpoint["config"]
 del checkpoint  # the weights now live in the model: free the copy
 
@@ -611,7 +611,7 @@ def write_checkpoint():
     if master:
         save_checkpoint({
             "model": raw_model.state_dict(), "model_config": asdict(raw_model.config), "chat": True,
-            "config": config, "step": step, "best_val_loss": best_val_loss, "evals_done": evals_done_at == step,
+            "config": config, "step": step, "best_val_loss": best_val_loss, "evals_done": evaluated,
             "optimizers": [opt.state_dict() for opt in optimizers], "loader": loader.state_dict(),
             "rng": rng_states(),
         }, out_dir, step, keep_last)
@@ -624,30 +624,29 @@ start_step = step  # a resumed run does not rewrite the checkpoint it started fr
 tokens_since, time_since, logged_step = 0, time.perf_counter(), step
 run_start = time_since
 while True:
-    last = step >= max_iters
+    last_step = step >= max_iters
 
-    # Evaluate first: step 0 shows the base model, the last step the result. A resumed run may have
-    # logged its start step's evaluations already (evals_done_at).
+    # Evaluate first: step 0 shows the base model, the last step the result. A resumed run starts
+    # with evaluated=True when its start step's evaluations are logged already.
     record = {}
-    fresh = evals_done_at != step
-    if fresh and (step % eval_interval == 0 or last):
+    if not evaluated and (step % eval_interval == 0 or last_step):
         val_loss = evaluate()
         if val_loss is None:  # Ctrl-C cut the val pass short: checkpoint now; a resumed run evaluates this step
             log.print(f"step {step}: interrupted by signal during evaluation")
             break
         record["val_loss"] = val_loss
         best_val_loss = min(best_val_loss, val_loss)
-    if fresh and hellaswag_examples and (step == 0 or last):
+    if not evaluated and hellaswag_examples and (step == 0 or last_step):
         with autocast:  # does instruction tuning cost the base model's knowledge? before and after
             record["hellaswag"] = hellaswag_score(raw_model, hellaswag_examples, device, rank=rank,
                                                   world_size=world_size)["acc_norm"]
-    if fresh and master and sample_interval > 0 and (step % sample_interval == 0 or last):
+    if not evaluated and master and sample_interval > 0 and (step % sample_interval == 0 or last_step):
         log.print(f"step {step} sample: {sample_prompt!r} -> {reply(sample_prompt)!r}")
     if record:
         log.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items()))
         log.metrics({"step": step, **record})
-    evals_done_at = step
-    if last:
+    evaluated = True
+    if last_step:
         break
     if step > start_step and step % checkpoint_interval == 0:
         write_checkpoint()
@@ -683,6 +682,7 @@ while True:
     for opt in optimizers:
         opt.step()
     step += 1
+    evaluated = False
     tokens_since += sum(x.numel() for x, _ in batches) * world_size
 
     # The NaN guard: one host sync per step, so a diverged step stops the run before it is ever saved.

@@ -42,6 +42,7 @@ from data.run import (
     StopRequest,
     changed_settings,
     duration,
+    gpu_peak_flops,
     init_distributed,
     lock_run_dir,
     param_norm,
@@ -118,17 +119,11 @@ device = "auto"  # "auto" (cuda > mps > cpu), "cuda", "cuda:1", "mps", "cpu"
 dtype = "auto"  # "auto" (bfloat16 autocast on CUDA, float32 elsewhere), "bfloat16" or "float32"
 compile = True  # torch.compile the model (CUDA only; pass --compile=False on Windows)
 seed = 1337
-peak_flops = 0.0  # the GPU's dense bf16 FLOP/s for MFU; 0 = look it up in PEAK_FLOPS below
+peak_flops = 0.0  # the GPU's dense bf16 FLOP/s for MFU; 0 = look it up in data/run.py's PEAK_FLOPS
 
 
 config = parse_settings(globals(), sys.argv[1:])
 globals().update(config)
-
-PEAK_FLOPS = {  # dense bf16 tensor-core FLOP/s by GPU name; the first match wins
-    "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12,
-    "A6000": 155e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12,
-}
-
 
 def lr_factor(step, c):
     """The learning rate at `step` as a fraction of its peak, under the schedule of settings c (this run's,
@@ -572,7 +567,7 @@ compiled = model
 if ddp:
     model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device_type == "cuda" else None)
 
-step, best_val_loss, evals_done_at = 0, float("inf"), -1
+step, best_val_loss, evaluated = 0, float("inf"), False  # evaluated: this step's evals are logged
 if checkpoint is not None:
     # Resume: the optimizer moments, the loader's position and every RNG continue where the run stopped,
     # so the resumed run takes bitwise the steps the uninterrupted one would have taken.
@@ -581,7 +576,7 @@ if checkpoint is not None:
     loader.load_state_dict(checkpoint["loader"])
     set_rng_states(checkpoint["rng"])
     step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
-    evals_done_at = step if checkpoint["evals_done"] else -1  # a run stopped by a signal skipped them
+    evaluated = checkpoint["evals_done"]  # False when a signal stopped the run before they ran
     saved = checkpoint["config"]
     del checkpoint  # the weights now live in the model: free the copy
 
@@ -589,9 +584,7 @@ lock = lock_run_dir(out_dir) if master else None  # one run per out_dir: a secon
 log = RunLog(out_dir, __file__, config, resume_step=step if init_from == "resume" else None, enabled=master,
              wandb_project=wandb_project if wandb_log else "")
 flops_per_token = raw_model.flops_per_token()
-if peak_flops == 0 and device_type == "cuda":
-    name = torch.cuda.get_device_name(device)
-    peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in name), 0.0)
+peak_flops = peak_flops or gpu_peak_flops(device)
 n_params = sum(p.numel() for p in raw_model.parameters())
 log.print(f"model: {n_params / 1e6:.1f}M parameters, {flops_per_token / 1e6:.0f} MFLOPs/token | device {device} "
           f"{dtype} | {world_size} rank(s) x {grad_accum} micro-steps x {batch_size} x {block_size} tokens "
@@ -652,7 +645,7 @@ def write_checkpoint():
     if master:
         save_checkpoint({
             "model": raw_model.state_dict(), "model_config": asdict(raw_model.config), "chat": False,
-            "config": config, "step": step, "best_val_loss": best_val_loss, "evals_done": evals_done_at == step,
+            "config": config, "step": step, "best_val_loss": best_val_loss, "evals_done": evaluated,
             "optimizers": [opt.state_dict() for opt in optimizers], "loader": loader.state_dict(),
             "rng": rng_states(),
         }, out_dir, step, keep_last)
@@ -665,24 +658,23 @@ start_step = step  # a resumed run does not rewrite the checkpoint it started fr
 tokens_since, time_since, logged_step = 0, time.perf_counter(), step
 run_start = time_since
 while True:
-    last = step >= max_iters
+    last_step = step >= max_iters
 
     # Evaluate first, so step 0 measures the untrained model and the last step the final one.
-    # A resumed run may have logged its start step's evaluations already (evals_done_at).
+    # A resumed run starts with evaluated=True when its start step's evaluations are logged already.
     record = {}
-    fresh = evals_done_at != step
-    if fresh and (step % eval_interval == 0 or last):
+    if not evaluated and (step % eval_interval == 0 or last_step):
         val_loss = evaluate()
         if val_loss is None:  # Ctrl-C cut the val pass short: checkpoint now; a resumed run evaluates this step
             log.print(f"step {step}: interrupted by signal during evaluation")
             break
         record["val_loss"] = val_loss
         best_val_loss = min(best_val_loss, val_loss)
-    if fresh and hellaswag_examples and step > 0 and (step % hellaswag_interval == 0 or last):
+    if not evaluated and hellaswag_examples and step > 0 and (step % hellaswag_interval == 0 or last_step):
         with autocast:  # raw_model: the batches of endings vary in length, which would recompile the compiled one
             record["hellaswag"] = hellaswag_score(raw_model, hellaswag_examples, device, rank=rank,
                                                   world_size=world_size)["acc_norm"]
-    if fresh and master and sample_interval > 0 and step > 0 and (step % sample_interval == 0 or last):
+    if not evaluated and master and sample_interval > 0 and step > 0 and (step % sample_interval == 0 or last_step):
         enc = get_tokenizer()
         prompt = torch.tensor([[EOT, *enc.encode_ordinary(sample_prompt)]], device=device)
         with autocast:
@@ -691,8 +683,8 @@ while True:
     if record:
         log.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items()))
         log.metrics({"step": step, **record})
-    evals_done_at = step
-    if last:
+    evaluated = True
+    if last_step:
         break
     if step > start_step and step % checkpoint_interval == 0:
         write_checkpoint()
@@ -723,6 +715,7 @@ while True:
     for opt in optimizers:
         opt.step()
     step += 1
+    evaluated = False
     tokens_since += total_batch_size
 
     # The NaN guard: one host sync per step, so a diverged step stops the run before it is ever saved.

@@ -17,17 +17,16 @@ The model is train_gpt.py's own: its model section, run alone (bench/stage_code.
 train_gpt.py's (its settings block: configs/*.toml and its flags mean the same here), then the bench's.
 """
 
-import ast
 import statistics
 import sys
 import time
 from types import SimpleNamespace
 
 import torch
-from stage_code import REPO_ROOT, median_ms, model_namespace, script_settings  # bench/: puts the repo root on sys.path
+from stage_code import median_ms, model_namespace, script_settings  # bench/: puts the repo root on sys.path
 
 from data import UserError, one_line_errors
-from data.run import pick_autocast, pick_device
+from data.run import gpu_peak_flops, pick_autocast, pick_device
 from data.settings import check_settings, parse_config
 from data.tokenizer import VOCAB_SIZE
 
@@ -67,14 +66,6 @@ except ValueError:
     raise UserError(f"--memory_batch_sizes={memory_batch_sizes}: use whole numbers and commas, like 16,64") from None
 
 
-def peak_flops_table():
-    """train_gpt.py's PEAK_FLOPS (dense bf16 FLOP/s by GPU name), read from its text rather than copied."""
-    for node in ast.parse((REPO_ROOT / "train_gpt.py").read_text()).body:
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "PEAK_FLOPS":
-            return ast.literal_eval(node.value)
-    raise UserError("train_gpt.py: no PEAK_FLOPS table found")
-
-
 device = pick_device(t.device)
 cuda = device.startswith("cuda")
 dtype, autocast = pick_autocast(device, t.dtype)
@@ -82,7 +73,7 @@ if bf16_residual and dtype != "bfloat16":
     raise UserError(f"--bf16_residual needs bf16 autocast, not {dtype}: it is the default on CUDA (--dtype=auto)")
 torch.set_float32_matmul_precision("high")  # as train_gpt.py: TF32 matmuls on Ampere and later
 grad_accum = t.total_batch_size // (t.batch_size * t.block_size)
-peak_flops = t.peak_flops
+peak_flops = t.peak_flops or gpu_peak_flops(device)
 if cuda:
     backends = dict(flash=torch.backends.cuda.enable_flash_sdp, cudnn=torch.backends.cuda.enable_cudnn_sdp,
                     efficient=torch.backends.cuda.enable_mem_efficient_sdp, math=torch.backends.cuda.enable_math_sdp)
@@ -93,8 +84,6 @@ if cuda:
         import torch._inductor.config
 
         torch._inductor.config.coordinate_descent_tuning = True
-    if not peak_flops:
-        peak_flops = next((v for k, v in peak_flops_table().items() if k in torch.cuda.get_device_name(device)), 0.0)
 ns = model_namespace("train_gpt.py")
 GPT, GPTConfig = ns["GPT"], ns["GPTConfig"]
 model_config = GPTConfig.from_settings(config)

@@ -95,6 +95,20 @@ def pick_autocast(device, dtype="auto"):
     return dtype, torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
+PEAK_FLOPS = {  # dense bf16 tensor-core FLOP/s by GPU name (vendor datasheets); the first match wins
+    "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12,
+    "A6000": 155e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12,
+}
+
+
+def gpu_peak_flops(device):
+    """The peak bf16 FLOP/s of the GPU at device, for MFU; 0.0 off CUDA or for a GPU not in PEAK_FLOPS."""
+    if torch.device(device).type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), 0.0)
+
+
 def init_distributed(device):
     """Join the process group when launched by torchrun; returns (ddp, rank, world_size, device)."""
     device = pick_device(device)

@@ -411,25 +411,38 @@ def test_cli_fine_tune_learns_replies_that_greedy_sampling_reproduces(base, tmp_
     assert result.stdout.strip() == france
 
 
-def test_resume_is_bitwise_exact_and_a_nan_keeps_the_good_checkpoint(base, raschka_mix, tmp_path):
-    args = ("--batch_size=4", "--log_interval=1", "--eval_interval=2", "--val_examples=8")
-    full, short, broken = tmp_path / "full", tmp_path / "short", tmp_path / "broken"
-    finish(start(base, raschka_mix, full, "--max_iters=4", *args),
-           start(base, raschka_mix, short, "--max_iters=2", "--lr_decay_iters=4", *args))  # the full run's schedule
+RESUME_ARGS = ("--batch_size=4", "--log_interval=1", "--eval_interval=2", "--val_examples=8")
+
+
+@pytest.fixture(scope="module")
+def full_and_short(base, raschka_mix, tmp_path_factory):
+    """A 4-step run, and the first 2 steps of the same run (the full run's schedule) to resume."""
+    full, short = tmp_path_factory.mktemp("full") / "run", tmp_path_factory.mktemp("short") / "run"
+    finish(start(base, raschka_mix, full, "--max_iters=4", *RESUME_ARGS),
+           start(base, raschka_mix, short, "--max_iters=2", "--lr_decay_iters=4", *RESUME_ARGS))
+    return full, short
+
+
+def test_resume_is_bitwise_exact(raschka_mix, full_and_short, tmp_path):
+    full, short = full_and_short
+    resumed = tmp_path / "resumed"
+    shutil.copytree(short, resumed)
+    finish(start("resume", raschka_mix, resumed, "--max_iters=4", *RESUME_ARGS))
     expected = train_records(full)
     assert [r[0] for r in expected] == [1, 2, 3, 4]
-    shutil.copytree(short, broken)
-    before = hashlib.sha256((broken / "ckpt.pt").read_bytes()).hexdigest()
-    (resumed, _, errors), (proc, stdout, _) = finish(
-        start("resume", raschka_mix, short, "--max_iters=4", *args),
-        start("resume", raschka_mix, broken, "--max_iters=4", "--lr_scale=1e30",
-              "--checkpoint_interval=1", *args), check=False)
-    assert resumed.returncode == 0, errors
-    assert train_records(short) == expected
-    val = [(r["step"], r["val_loss"]) for r in metrics(short) if "val_loss" in r]
+    assert train_records(resumed) == expected
+    val = [(r["step"], r["val_loss"]) for r in metrics(resumed) if "val_loss" in r]
     assert sorted(set(val)) == [(r["step"], r["val_loss"]) for r in metrics(full) if "val_loss" in r]
-    a, b = (torch.load(d / "ckpt.pt", weights_only=True)["model"] for d in (full, short))
+    a, b = (torch.load(d / "ckpt.pt", weights_only=True)["model"] for d in (full, resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_nan_after_resume_keeps_the_good_checkpoint(raschka_mix, full_and_short, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(full_and_short[1], broken)
+    before = hashlib.sha256((broken / "ckpt.pt").read_bytes()).hexdigest()
+    (proc, stdout, _), = finish(start("resume", raschka_mix, broken, "--max_iters=4", "--lr_scale=1e30",
+                                      "--checkpoint_interval=1", *RESUME_ARGS), check=False)
     # the step after the resume breaks the weights: the run stops before it checkpoints them
     assert proc.returncode == 1 and "last good checkpoint" in stdout
     assert hashlib.sha256((broken / "ckpt.pt").read_bytes()).hexdigest() == before

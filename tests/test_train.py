@@ -31,7 +31,7 @@ from helpers import (
 
 from data import UserError
 from data.fineweb_edu import main as prep
-from data.run import StopRequest, lock_run_dir
+from data.run import StopRequest, gpu_peak_flops, lock_run_dir
 
 NS = load_model_namespace(ROOT / "train_gpt.py")
 GPT, GPTConfig = NS["GPT"], NS["GPTConfig"]
@@ -102,6 +102,15 @@ def test_lr_schedules():
     assert wsd[10:81] == [1.0] * 71 and wsd[90] == pytest.approx(0.5) and wsd[100] == 0.0
     no_warmup = [lr_factor(s, {**run, "lr_schedule": "wsd", "warmup_iters": 0}) for s in range(3)]
     assert no_warmup == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 80GB HBM3", 989e12),
+                                        ("NVIDIA H200", 989e12), ("NVIDIA GeForce RTX 4090", 165e12),
+                                        ("Some New GPU", 0.0)])
+def test_mfu_peak_is_looked_up_by_gpu_name_and_the_first_match_wins(monkeypatch, name, peak):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert gpu_peak_flops("cuda:0") == peak
+    assert gpu_peak_flops("cpu") == 0.0  # no MFU off CUDA
 
 
 def test_muon_momentum_warms_up_from_085():
@@ -181,7 +190,7 @@ def train_cmd(out_dir, *args):
     return [sys.executable, "train_gpt.py", *SMOKE, f"--out_dir={out_dir}", *args]
 
 
-def test_smoke_run_writes_metrics_logs_code_and_a_weights_only_checkpoint(smoke_run):
+def test_smoke_run_logs_each_step_and_evaluates_at_its_intervals(smoke_run):
     records = metrics(smoke_run)
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
@@ -189,13 +198,18 @@ def test_smoke_run_writes_metrics_logs_code_and_a_weights_only_checkpoint(smoke_
     assert steps[-1]["loss"] < steps[0]["loss"]
     assert [r["step"] for r in records if "val_loss" in r] == [0, 3, 6]
     assert [r["step"] for r in records if 0 <= r.get("hellaswag", -1) <= 1] == [3, 6]
+
+
+def test_smoke_run_writes_a_weights_only_checkpoint_of_its_last_step(smoke_run):
     ckpt = torch.load(smoke_run / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 6 and ckpt["chat"] is False and ckpt["model_config"]["arch"] == "gpt2"
     assert ckpt["loader"]["position"] == 6 * 2  # 2 micro-batches per step in the smoke config
     assert ckpt["evals_done"] is True
+
+
+def test_smoke_run_dir_holds_the_versions_settings_and_code_that_produced_it(smoke_run):
     log = (smoke_run / "log.txt").read_text()
     assert "torch " + torch.__version__ in log and "step 3 sample: Once upon a time" in log
-    # the run dir holds all the code that produced it
     assert (smoke_run / "code" / "train_gpt.py").read_text() == (ROOT / "train_gpt.py").read_text()
     for module in (ROOT / "data").glob("*.py"):
         assert (smoke_run / "code" / "data" / module.name).read_text() == module.read_text()
@@ -233,35 +247,47 @@ def test_a_checkpoint_from_before_per_group_rates_resumes_at_the_rates_it_was_tr
     assert resumed == pytest.approx(recorded, rel=1e-5, abs=0)
 
 
-def test_resume_continues_bitwise_after_a_shorter_run_and_after_sigint(tmp_path):
-    schedule = ("--lr_decay_iters=8", "--eval_interval=2")  # the same LR schedule for the short runs and the full one
-    train(tmp_path / "full", "--max_iters=8", *schedule)
-    expected = train_records(tmp_path / "full")
-    expected_val = [(r["step"], r["val_loss"]) for r in metrics(tmp_path / "full") if "val_loss" in r]
+SCHEDULE = ("--lr_decay_iters=8", "--eval_interval=2")  # one LR schedule for the short runs and the full one
 
-    # SIGINT (in a real process) at some step, then resume: the same steps, the same val losses, logged once
-    out = tmp_path / "interrupted"
-    proc = subprocess.Popen(train_cmd(out, "--max_iters=10000", *schedule), cwd=ROOT,
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """An uninterrupted 8-step run: the steps and val losses every resumed run must repeat."""
+    out = tmp_path_factory.mktemp("full") / "run"
+    train(out, "--max_iters=8", *SCHEDULE)
+    return out
+
+
+def assert_repeats(run, full_run, skip_val_at=()):
+    """run's training records are bitwise full_run's, each step and val loss logged once."""
+    assert train_records(run) == train_records(full_run)
+    val = [(r["step"], r["val_loss"]) for r in metrics(run) if "val_loss" in r]
+    assert len({s for s, _ in val}) == len(val), "a step's val loss logged twice"
+    expected_val = [(r["step"], r["val_loss"]) for r in metrics(full_run) if "val_loss" in r]
+    assert [v for v in val if v[0] not in skip_val_at] == expected_val
+    steps = [line.split(", lr")[0] for line in (run / "log.txt").read_text().splitlines()
+             if line.startswith("step ")]  # the training lines up to their timings
+    assert len(steps) == len(set(steps)), "log.txt repeats a step"
+
+
+def test_resume_after_a_shorter_run_continues_bitwise(tmp_path, full_run):
+    train(tmp_path / "short", "--max_iters=3", *SCHEDULE)
+    # a bare resume: the run's saved settings, not the script's defaults, fill in what is not given
+    run_script("train_gpt.py", f"--out_dir={tmp_path / 'short'}", "--init_from=resume", "--max_iters=8")
+    assert_repeats(tmp_path / "short", full_run, skip_val_at=(3,))  # the short run also evaluated its last step
+
+
+def test_resume_after_sigint_continues_bitwise(tmp_path, full_run):
+    out = tmp_path / "interrupted"  # SIGINT, in a real process, at some step
+    proc = subprocess.Popen(train_cmd(out, "--max_iters=10000", *SCHEDULE), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for_steps(out, 2)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 0, proc.stderr.read()
     stopped = torch.load(out / "ckpt.pt", weights_only=True)["step"]
     assert 2 <= stopped < 8
-
-    train(tmp_path / "short", "--max_iters=3", *schedule)
-    # a bare resume: the run's saved settings, not the script's defaults, fill in what is not given
-    run_script("train_gpt.py", f"--out_dir={tmp_path / 'short'}", "--init_from=resume", "--max_iters=8")
-    train(out, "--max_iters=8", *schedule, "--init_from=resume")
-    for run in ("short", "interrupted"):
-        assert train_records(tmp_path / run) == expected, run
-        val = [(r["step"], r["val_loss"]) for r in metrics(tmp_path / run) if "val_loss" in r]
-        assert len({s for s, _ in val}) == len(val), f"{run}: a step's val loss logged twice"
-        # the short run also evaluated its last step, 3
-        assert [v for v in val if v[0] != 3 or run == "interrupted"] == expected_val, run
-        steps = [line.split(", lr")[0] for line in (tmp_path / run / "log.txt").read_text().splitlines()
-                 if line.startswith("step ")]  # the training lines up to their timings
-        assert len(steps) == len(set(steps)), f"{run}: log.txt repeats a step"
+    train(out, "--max_iters=8", *SCHEDULE, "--init_from=resume")
+    assert_repeats(out, full_run)
 
 
 def test_two_rank_ddp_matches_one_rank_with_twice_the_accumulation(tmp_path):
@@ -386,7 +412,7 @@ def test_bad_files_are_refused(tmp_path):
     assert "cannot be read as a checkpoint" in refused(tmp_path / "garbage", "--init_from=resume")
 
 
-def test_a_new_run_never_destroys_a_checkpoint_and_two_runs_never_share_a_dir(tmp_path):
+def test_a_new_run_never_destroys_a_checkpoint(tmp_path):
     out = tmp_path / "run"
     train(out, "--max_iters=1", "--keep_last=2")
     before = {p.name: p.read_bytes() for p in out.glob("ckpt*.pt")}
@@ -394,6 +420,10 @@ def test_a_new_run_never_destroys_a_checkpoint_and_two_runs_never_share_a_dir(tm
         train(out, "--max_iters=1")
     assert {p.name: p.read_bytes() for p in out.glob("ckpt*.pt")} == before
 
+
+def test_two_runs_never_share_a_dir(tmp_path):
+    out = tmp_path / "run"
+    train(out, "--max_iters=1")
     lock = lock_run_dir(out)  # as a run in another process holds it
     try:
         with pytest.raises(UserError, match="another run is using out_dir"):
@@ -403,11 +433,16 @@ def test_a_new_run_never_destroys_a_checkpoint_and_two_runs_never_share_a_dir(tm
     train(out, "--init_from=resume", "--max_iters=2")  # the lock is gone with its holder
 
 
-def test_resume_refuses_a_new_shape_warns_of_a_new_schedule_and_survives_damaged_logs(tmp_path, capsys):
+def test_resume_refuses_a_new_shape(tmp_path):
+    out = tmp_path / "run"
+    train(out, "--max_iters=1")
+    with pytest.raises(UserError, match=r"keeps its architecture \(n_layer 2 -> 4\)"):
+        train(out, "--init_from=resume", "--n_layer=4", "--max_iters=2")
+
+
+def test_resume_warns_of_a_new_schedule_and_survives_damaged_logs(tmp_path, capsys):
     out = tmp_path / "run"
     train(out, "--max_iters=3", "--eval_interval=1")
-    with pytest.raises(UserError, match=r"keeps its architecture \(n_layer 2 -> 4\)"):
-        train(out, "--init_from=resume", "--n_layer=4", "--max_iters=4")
     # a crash can tear the last metrics line; config.json is for people: resume reads the checkpoint
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 4, "lo')
