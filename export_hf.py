@@ -14,9 +14,10 @@ and then, offline:
 arch="gpt2" becomes a GPT2LMHeadModel (HF's Conv1D stores the four block matrices transposed; the
 head stays tied), arch="llama" a LlamaForCausalLM (q, k, v split out of the fused c_attn, gate and up
 out of the fused c_fc, and the RoPE convention converted, see hf_state_dict). What neither class can
-express (qk_norm, logit_softcap) is refused. The folder holds config.json, generation_config.json,
-model.safetensors, tokenizer.json, tokenizer_config.json and a README.md model card. Before the
-folder appears, transformers loads it back and must give our logits and our token ids (check=True).
+express (qk_norm, logit_softcap: any model option beyond HF_FIELDS, away from its default) is refused.
+The folder holds config.json, generation_config.json, model.safetensors, tokenizer.json,
+tokenizer_config.json and a README.md model card. Before the folder appears, transformers loads it
+back and must give our logits and our token ids (check=True).
 
 The tokenizer gives exactly our ids: GPT-2's BPE from data/gpt2.tiktoken (vocab and merges rebuilt
 from its ranks), <|endoftext|> = 50256, <|user|> = 50257, <|assistant|> = 50258; len(tokenizer) is
@@ -432,10 +433,15 @@ CHAT_TEMPLATE = (
 CHECK_TEXT = "The café's naïve 日本語 robot 🤖 said:\n\n   \"<|user|> is just text here\"\t\ttabs  and  spaces. 3.14159"
 
 
+HF_FIELDS = ("arch", "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "rope_theta")  # what HF_CLASS holds
+
+
 def refuse_unsupported(c, source):
-    """Plain GPT-2 and Llama have no switch for these; exporting without them would change the model."""
-    extras = [f"qk_norm={c.qk_norm}"] if c.qk_norm else []
-    extras += [f"logit_softcap={c.logit_softcap}"] if c.logit_softcap else []
+    """Plain GPT-2 and Llama have no switch for our other model options (qk_norm, logit_softcap, any added
+    later): exporting one away from its default would change the model."""
+    default = GPTConfig()
+    extras = [f"{f}={getattr(c, f)}" for f in GPTConfig.__dataclass_fields__
+              if f not in HF_FIELDS and getattr(c, f) != getattr(default, f)]
     if extras:
         raise UserError(f"{source}: {' and '.join(extras)} cannot be expressed by transformers' {HF_CLASS[c.arch]}; "
                         "only models trained without them export")
