@@ -183,8 +183,10 @@ def hellaswag_score(model, examples, device, batch_size=64, rank=0, world_size=1
     mine = tuple((ex["ctx"], tuple(ex["endings"]), ex["label"]) for ex in examples[rank::world_size])
     pin = torch.device(device).type == "cuda"
     counts = torch.zeros(3, device=device)  # right by total loss, right by mean loss, examples
+    # The bar shows on a terminal only (disable=None), where it clears its line for the next log line; in a
+    # log file (python train_gpt.py > run.log 2>&1) its \r updates would share a line with the next one.
     for packed, sizes in tqdm(prepared_batches(mine, model.config.block_size, batch_size, pin), desc="hellaswag",
-                              unit="batch", leave=False, disable=rank != 0):
+                              unit="batch", leave=False, disable=None if rank == 0 else True):
         total, mean, labels = row_losses(model, packed, sizes, device)
         counts[0] += (total.view(-1, 4).argmin(dim=1) == labels).sum()
         counts[1] += (mean.view(-1, 4).argmin(dim=1) == labels).sum()

@@ -177,7 +177,7 @@ def collect(source, rows, name, args, seen):
     """The token ids of a source's examples that pass the filters, and the counts of the rest by reason."""
     counts = dict.fromkeys(("rows", *REASONS), 0)
     examples = []
-    for row in tqdm(rows, desc=source, unit=" rows", leave=False):
+    for row in tqdm(rows, desc=source, unit=" rows", leave=False, disable=None):  # a terminal only
         counts["rows"] += 1
         turns = TURNS[source](row, args.multi_turn)
         if isinstance(turns, list):  # so two rows that tokenize alike are duplicates

@@ -80,6 +80,25 @@ def test_batched_scoring_equals_one_at_a_time(run_dirs, examples):
     assert 0 <= score["acc"] <= 1 and 0 <= score["acc_norm"] <= 1 and score["n"] == 8
 
 
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_the_progress_bar_shows_on_a_terminal_only_and_leaves_the_line_clear(run_dirs, examples, monkeypatch,
+                                                                          terminal):
+    """In a log file (stderr not a terminal) the bar's \r updates would share a line with the next log line."""
+    stderr = Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    hellaswag.hellaswag_score(run_dirs["gpt2"][1], examples[:8], "cpu", batch_size=2)
+    if terminal:
+        assert "hellaswag" in stderr.getvalue() and stderr.getvalue().endswith("\r")  # cleared: column 0
+        assert stderr.getvalue().rsplit("\r", 2)[-2].strip() == ""
+    else:
+        assert stderr.getvalue() == ""
+
+
 def test_ranks_split_the_examples(run_dirs, examples, monkeypatch):
     """With W ranks each scores every W-th example; the all-reduce (here: the sum done by hand) gives the full score."""
     model = run_dirs["llama"][1]
