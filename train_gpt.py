@@ -639,7 +639,7 @@ def evaluate():
 def write_checkpoint():
     """Everything a run needs to continue exactly. Blown-up weights are never saved over a good
     checkpoint: the fp32 norm overflows once any weight passes ~1e19, so this catches those too."""
-    if not math.isfinite(param_norm(raw_model)):
+    if not torch.isfinite(param_norm(raw_model)):
         log.print(f"step {step}: non-finite weight norm, not saved; {last_good_checkpoint(out_dir)}")
         sys.exit(1)
     if master:
@@ -718,18 +718,19 @@ while True:
     evaluated = False
     tokens_since += total_batch_size
 
-    # The NaN guard: one host sync per step, so a diverged step stops the run before it is ever saved.
-    loss_value, norm_value = (loss_sum / grad_accum).item(), norm.item()
-    if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-        log.print(f"step {step}: loss {loss_value}, grad norm {norm_value}: stopping; {last_good_checkpoint(out_dir)} "
-                  "(try a lower learning rate or grad_clip)")
+    # The NaN guard: one host sync per step, so a diverged step (its loss, its gradients or the weights it
+    # left) stops the run before they are ever evaluated, sampled or saved.
+    loss_value, norm_value, weights_norm = torch.stack([loss_sum / grad_accum, norm, param_norm(raw_model)]).tolist()
+    if not all(map(math.isfinite, (loss_value, norm_value, weights_norm))):
+        log.print(f"step {step}: loss {loss_value}, grad norm {norm_value}, param norm {weights_norm}: stopping; "
+                  f"{last_good_checkpoint(out_dir)} (try a lower learning rate or grad_clip)")
         sys.exit(1)
     if step % log_interval == 0 or step == max_iters:
         now = time.perf_counter()
         tps = tokens_since / (now - time_since)
         rec = {"step": step, "loss": loss_value, "lr": base_lrs[-1][0] * lr_now,  # Muon's (muon), AdamW's (adamw)
                "grad_norm": norm_value,
-               "param_norm": param_norm(raw_model), "tokens_per_sec": tps, "mfu": mfu(tps), "epoch": loader.epoch}
+               "param_norm": weights_norm, "tokens_per_sec": tps, "mfu": mfu(tps), "epoch": loader.epoch}
         eta = (now - run_start) / (step - start_step) * (max_iters - step)  # evals and checkpoints included
         log.print(f"step {step}/{max_iters}: loss {loss_value:.4f}, lr {rec['lr']:.2e}, grad norm {norm_value:.3f}, "
                   f"param norm {rec['param_norm']:.1f}, epoch {rec['epoch']:.3f}, {tps:,.0f} tok/s, "

@@ -130,7 +130,9 @@ def duration(seconds):
 
 
 def param_norm(model):
-    return torch.sqrt(sum(p.detach().float().square().sum() for p in model.parameters())).item()
+    """The global L2 norm of model's weights: a 0-d tensor on their device, no host sync. Its fp32 squares
+    overflow to inf once any weight passes ~1e19, so blown-up weights read as non-finite too."""
+    return torch.nn.utils.get_total_norm([p.detach() for p in model.parameters()])
 
 
 class StopRequest:

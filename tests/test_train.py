@@ -244,7 +244,8 @@ def test_a_checkpoint_from_before_per_group_rates_resumes_at_the_rates_it_was_tr
                 if "loss" in r and r["step"] > 2]
     resumed = [r for r in train_records(run) if r[0] > 2]
     assert [r[0] for r in resumed] == [3, 4]
-    assert resumed == pytest.approx(recorded, rel=1e-5, abs=0)
+    for got, want in zip(resumed, recorded, strict=True):  # approx compares flat sequences only
+        assert got == pytest.approx(want, rel=1e-5, abs=0)
 
 
 SCHEDULE = ("--lr_decay_iters=8", "--eval_interval=2")  # one LR schedule for the short runs and the full one
@@ -329,6 +330,16 @@ def test_nonfinite_loss_stops_without_touching_the_good_checkpoint(tmp_path, cap
               "--checkpoint_interval=1")
     assert stopped.value.code == 1 and "last good checkpoint" in capsys.readouterr().out
     assert hashlib.sha256((out / "ckpt.pt").read_bytes()).hexdigest() == before
+
+
+def test_a_step_that_blows_up_the_weights_stops_the_run_before_they_are_evaluated_or_sampled(tmp_path, capsys):
+    """A huge weight decay leaves finite loss and gradients, but weights past fp32's square root of its
+    range: the guard reads their norm too, so no eval, sample (NaN probabilities) or checkpoint sees them."""
+    with pytest.raises(SystemExit) as stopped:
+        train(tmp_path / "run", "--max_iters=3", "--adam_weight_decay=1e20", "--sample_interval=1")
+    out = capsys.readouterr().out
+    assert stopped.value.code == 1 and "param norm inf: stopping; no checkpoint was written before it" in out
+    assert "sample:" not in out and not (tmp_path / "run" / "ckpt.pt").exists()
 
 
 # ----------------------------------------------------------------------------- refusals, each one line
