@@ -54,6 +54,7 @@ from data.run import (
     param_norm,
     pick_autocast,
     refuse_to_overwrite,
+    start_wandb,
 )
 from data.settings import check_settings, parse_settings
 from data.tokenizer import ASSISTANT, EOT, VOCAB_SIZE, chat_prompt, get_tokenizer
@@ -553,9 +554,9 @@ if resume:
     saved = checkpoint["config"]
 del checkpoint  # the weights now live in the model: free the copy
 
+wandb_run = start_wandb(wandb_project, wandb_run_name, config) if wandb_log and master else None  # before any write
 lock = lock_run_dir(out_dir) if master else None  # one run per out_dir: a second one is refused
-log = RunLog(out_dir, __file__, config, resume_step=step if resume else None, enabled=master,
-             wandb_project=wandb_project if wandb_log else "")
+log = RunLog(out_dir, __file__, config, resume_step=step if resume else None, enabled=master, wandb=wandb_run)
 n_params = sum(p.numel() for p in raw_model.parameters())
 log.print(f"model: {n_params / 1e6:.1f}M parameters from {ckpt_path} | device {device} {dtype} | {world_size} "
           f"rank(s) x {grad_accum} micro-steps x {batch_size} examples of <= {block_size + 1} tokens")

@@ -49,6 +49,7 @@ from data.run import (
     pick_autocast,
     refuse_architecture_change,
     refuse_to_overwrite,
+    start_wandb,
 )
 from data.settings import check_settings, parse_settings
 from data.tokenizer import EOT, VOCAB_SIZE, get_tokenizer
@@ -495,9 +496,9 @@ check_settings(config, positive=("n_layer", "n_head", "n_embd", "block_size", "b
                                  "max_iters", "log_interval", "eval_interval", "checkpoint_interval", "val_tokens"),
                non_negative=("learning_rate", "muon_lr", "weight_decay", "muon_weight_decay", "warmup_iters",
                              "embedding_lr", "head_lr", "scalar_lr", "lr_ref_width", "adam_eps", "adam_weight_decay",
-                             "muon_momentum_warmup",
-                             "lr_decay_iters", "grad_clip", "hellaswag_interval", "hellaswag_limit", "sample_interval",
-                             "keep_last"),
+                             "muon_momentum_warmup", "lr_decay_iters", "grad_clip", "grad_clip_late",
+                             "grad_clip_late_step", "hellaswag_interval", "hellaswag_limit", "sample_interval",
+                             "sample_tokens", "keep_last"),
                choices=dict(arch=ARCHS, optimizer=("muon", "adamw"), lr_schedule=("cosine", "wsd"),
                             loader_mode=("shuffle", "random", "sequential")),
                fractions=("min_lr_frac", "decay_frac"),
@@ -580,9 +581,10 @@ if checkpoint is not None:
     saved = checkpoint["config"]
     del checkpoint  # the weights now live in the model: free the copy
 
+wandb_run = start_wandb(wandb_project, wandb_run_name, config) if wandb_log and master else None  # before any write
 lock = lock_run_dir(out_dir) if master else None  # one run per out_dir: a second one is refused
 log = RunLog(out_dir, __file__, config, resume_step=step if init_from == "resume" else None, enabled=master,
-             wandb_project=wandb_project if wandb_log else "")
+             wandb=wandb_run)
 flops_per_token = raw_model.flops_per_token()
 peak_flops = peak_flops or gpu_peak_flops(device)
 n_params = sum(p.numel() for p in raw_model.parameters())

@@ -184,6 +184,22 @@ def versions():
             f"gpu {gpu} | numpy {np.__version__} | git {commit}")
 
 
+def start_wandb(project, name, config):
+    """The wandb module with a run started (offline too: WANDB_MODE=offline). Called before anything is
+    written, so a missing package or login is a one-line refusal that leaves no run dir."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("wandb_log=True needs wandb: pip install wandb, or pass --wandb_log=False") from None
+    try:
+        wandb.init(project=project, name=name or None, config=config)
+    except Exception as e:  # wandb raises its own types (UsageError, CommError, ...) for login and network
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"wandb_log=True: wandb.init failed ({reason}); run wandb login, set WANDB_MODE=offline, "
+                        "or pass --wandb_log=False") from None
+    return wandb
+
+
 class RunLog:
     """out_dir/log.txt (readable), out_dir/metrics.jsonl (one JSON object per logged step) and
     out_dir/curves.png (data/curves.py), redrawn at each eval record and by close().
@@ -193,8 +209,8 @@ class RunLog:
     the interrupted run logged after that step is dropped from both files, since the resumed run
     logs those steps again; a line torn by a crash is dropped too."""
 
-    def __init__(self, out_dir, script, config, resume_step=None, enabled=True, wandb_project=""):
-        self.out_dir, self.enabled, self.wandb = Path(out_dir), enabled, None
+    def __init__(self, out_dir, script, config, resume_step=None, enabled=True, wandb=None):
+        self.out_dir, self.enabled, self.wandb = Path(out_dir), enabled, wandb  # wandb: start_wandb's, or None
         self.curves, self.undrawn = True, False  # curves: False once drawing failed; undrawn: records to draw
         self.metrics_path, self.log_path = self.out_dir / "metrics.jsonl", self.out_dir / "log.txt"
         if not enabled:
@@ -216,11 +232,6 @@ class RunLog:
         self.print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
         self.print(versions())
         self.print("config: " + json.dumps(config))
-        if wandb_project:  # offline too: WANDB_MODE=offline
-            import wandb
-
-            self.wandb = wandb
-            wandb.init(project=wandb_project, name=config.get("wandb_run_name") or None, config=config)
 
     def _truncate(self, resume_step):
         def metric_step(line):

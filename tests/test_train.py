@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -464,6 +465,35 @@ def test_resume_warns_of_a_new_schedule_and_survives_damaged_logs(tmp_path, caps
     assert "warning: max_iters 3 -> 6 moves the learning rate at step 3" in printed
     assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in metrics(out) if "val_loss" in r] == [0, 1, 2, 3, 4, 5, 6]
+
+
+def fake_wandb(init):
+    logged = []
+    return SimpleNamespace(init=init, log=lambda record, step: logged.append((step, record)), logged=logged)
+
+
+def test_wandb_without_the_package_or_a_login_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    with pytest.raises(UserError, match="wandb_log=True needs wandb: pip install wandb"):
+        train(tmp_path / "a", "--max_iters=1", "--wandb_log=True")
+
+    def no_login(**kwargs):
+        raise RuntimeError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb(no_login))
+    with pytest.raises(UserError, match=r"wandb.init failed \(No API key configured.*\); run wandb login") as e:
+        train(tmp_path / "b", "--max_iters=1", "--wandb_log=True")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_wandb_gets_every_metrics_record(tmp_path, monkeypatch):
+    runs = []
+    wandb = fake_wandb(lambda **kwargs: runs.append(kwargs))
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    train(tmp_path / "run", "--max_iters=2", "--wandb_log=True", "--wandb_run_name=first")
+    assert runs == [dict(project="gpt", name="first", config=runs[0]["config"])] and runs[0]["config"]["max_iters"] == 2
+    assert [step for step, _ in wandb.logged] == [r["step"] for r in metrics(tmp_path / "run")]
 
 
 def test_cli_refusals_are_one_line_with_status_1(tmp_path):
