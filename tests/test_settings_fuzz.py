@@ -2,13 +2,15 @@
 both preps nan, +-inf, negative, zero, huge, empty and wrong-typed values. Each must be refused in one line
 (a UserError, which the scripts print as `error: ...` with exit 1) or accepted by the settings check, which
 runs before anything is written. In-process: the script's settings block, then its setup's check_settings
-call, alone (end-to-end refusals are in test_train.py, test_one_line_errors.py and the others)."""
+call, alone; then a few whole runs per script, which must work or refuse in one line (the listed end-to-end
+refusals are in test_train.py, test_one_line_errors.py and the others)."""
 
 import ast
+import shutil
 import sys
 
 import pytest
-from helpers import REPO_ROOT
+from helpers import REPO_ROOT, run_script
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -74,5 +76,52 @@ def test_prep_settings(prep):
     @given(key=st.sampled_from(PREP_KEYS[prep]), value=BAD)
     def check(key, value):
         accepted_or_one_line(lambda: prep.parse_args([f"--{key}={value}"]))
+
+    check()
+
+
+# ----------------------------------------------------------------------------- end to end
+# A few real runs per stage script: one fuzzed setting on top of settings that keep a run to seconds.
+# Left out: the sizes (of the model, the batch, the run, the output: a huge one is a long run, not a bad
+# input), the paths the test pins, the network (download_only), stdin (interactive) and compile (a minute
+# on a CPU). Each run must work, or stop with a one-line refusal that leaves no out_dir, or (a learning
+# rate that explodes) be stopped by the NaN guard.
+SIZES = {"max_iters", "n_layer", "n_head", "n_embd", "block_size", "batch_size", "total_batch_size", "val_tokens",
+         "val_examples", "gradient_accumulation_steps", "sample_tokens", "hellaswag_limit", "max_new_tokens",
+         "num_samples", "limit"}
+PINNED = {"out_dir", "init_from", "ckpt", "out", "download_only", "interactive", "compile"}
+
+
+def end_to_end(smoke_run):
+    """script: the args every fuzzed run starts from."""
+    return {"train_gpt.py": ["configs/smoke.toml", "--device=cpu", "--max_iters=2", "--hellaswag_limit=4",
+                             "--sample_tokens=4", "--sample_interval=1", "--log_interval=1"],
+            "finetune_sft.py": ["configs/sft_smoke.toml", "--device=cpu", f"--init_from={smoke_run}", "--max_iters=2",
+                                "--val_examples=8", "--hellaswag_limit=4", "--sample_tokens=4"],
+            "sample.py": [f"--ckpt={smoke_run}", "--device=cpu", "--max_new_tokens=8", "Once upon a time"],
+            "eval_hellaswag.py": [f"--ckpt={smoke_run}", "--device=cpu", "--data=data/samples/hellaswag_val_200.jsonl",
+                                  "--limit=4"]}
+
+
+@pytest.mark.parametrize("script, examples", [("train_gpt.py", 12), ("finetune_sft.py", 6), ("sample.py", 40),
+                                              ("eval_hellaswag.py", 40)])
+def test_stage_script_runs_work_or_refuse_in_one_line(script, examples, smoke_run, tmp_path, capsys):
+    args = end_to_end(smoke_run)[script]
+    out_dir = [f"--out_dir={tmp_path / 'run'}"] if script in ("train_gpt.py", "finetune_sft.py") else []
+    keys = [k for k in keys_of(script) if k not in SIZES | PINNED]
+
+    @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(key=st.sampled_from(keys), value=BAD)
+    def check(key, value):
+        shutil.rmtree(tmp_path / "run", ignore_errors=True)
+        try:
+            run_script(script, *args, *out_dir, f"--{key}={value}")
+        except UserError as e:
+            assert "\n" not in str(e) and str(e), repr(e)
+            assert not (tmp_path / "run").exists()
+        except SystemExit as e:  # the NaN guard: said, and no checkpoint of the blown-up weights
+            assert e.code == 1 and ": stopping; " in capsys.readouterr().out
+        else:
+            assert not out_dir or (tmp_path / "run" / "ckpt.pt").is_file()
 
     check()
