@@ -14,7 +14,13 @@
 # it alone: PARTS=04 bash bench/gpu_check.sh. Random weights everywhere but part 04.
 #
 # DEVICE=cpu runs every part at toy size on a CPU (tests/test_gpu_check.py does): it proves the plumbing only.
+# Settings, from the environment: OUT (/tmp/gpu_check), BUDGET (480 s), DEVICE (cuda), PARTS (00,...,07).
 set -u
+case "${1:-}" in  # -h / --help: this header, as the Python scripts answer it
+  -h|--help) sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+  "") ;;
+  *) echo "error: $1: gpu_check.sh takes no arguments; set OUT, BUDGET, DEVICE, PARTS in the environment" >&2; exit 1 ;;
+esac
 OUT=${OUT:-/tmp/gpu_check}
 BUDGET=${BUDGET:-480}
 DEVICE=${DEVICE:-cuda}

@@ -23,3 +23,16 @@ def test_gpu_check_runs_every_part_in_cpu_mode(tmp_path):
     assert "nanogpt (AdamW" in (tmp_path / "01_train_gpt2_124m.txt").read_text()
     run = (tmp_path / "04_train_gpt_run.txt").read_text()
     assert "step 3: checkpoint written" in run and "resumed at step 3" in run and "step 6/6" in run
+
+
+def test_gpu_check_help_prints_its_header_and_runs_nothing(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path / "out")}
+    for flag in ("-h", "--help"):
+        result = subprocess.run(["bash", "bench/gpu_check.sh", flag], cwd=REPO_ROOT, env=env, capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 0 and result.stdout.startswith("The GPU figures of bench/NOTES.md in ONE")
+        assert "PARTS=04 bash bench/gpu_check.sh" in result.stdout and "set -u" not in result.stdout
+    result = subprocess.run(["bash", "bench/gpu_check.sh", "--budget=10"], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and result.stderr.startswith("error: --budget=10: gpu_check.sh takes no arguments")
+    assert not (tmp_path / "out").exists()
