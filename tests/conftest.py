@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 # The tests' models are tiny: one thread runs them faster than two that fight each other and the
-# subprocesses (training runs, torchrun ranks) for CI's 2 cores. Set before torch is imported;
-# the subprocesses inherit it.
+# subprocesses (training runs, torchrun ranks) for CI's 2 cores; pytest-xdist runs a worker per core
+# instead (pyproject.toml). Set before torch is imported; the subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
