@@ -639,11 +639,8 @@ def evaluate():
 
 
 def write_checkpoint():
-    """Everything a run needs to continue exactly. Blown-up weights are never saved over a good
-    checkpoint: the fp32 norm overflows once any weight passes ~1e19, so this catches those too."""
-    if not torch.isfinite(param_norm(raw_model)):
-        log.print(f"step {step}: non-finite weight norm, not saved; {last_good_checkpoint(out_dir)}")
-        sys.exit(1)
+    """Everything a run needs to continue exactly. The weights are finite: the NaN guard has read their
+    norm after every step."""
     if master:
         save_checkpoint({
             "model": raw_model.state_dict(), "model_config": asdict(raw_model.config), "chat": False,
@@ -731,8 +728,8 @@ while True:
         now = time.perf_counter()
         tps = tokens_since / (now - time_since)
         rec = {"step": step, "loss": loss_value, "lr": base_lrs[-1][0] * lr_now,  # Muon's (muon), AdamW's (adamw)
-               "grad_norm": norm_value,
-               "param_norm": weights_norm, "tokens_per_sec": tps, "mfu": mfu(tps), "epoch": loader.epoch}
+               "grad_norm": norm_value, "param_norm": weights_norm, "tokens_per_sec": tps, "mfu": mfu(tps),
+               "epoch": loader.epoch}
         eta = (now - run_start) / (step - start_step) * (max_iters - step)  # evals and checkpoints included
         log.print(f"step {step}/{max_iters}: loss {loss_value:.4f}, lr {rec['lr']:.2e}, grad norm {norm_value:.3f}, "
                   f"param norm {rec['param_norm']:.1f}, epoch {rec['epoch']:.3f}, {tps:,.0f} tok/s, "
