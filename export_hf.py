@@ -262,38 +262,41 @@ class GPT(nn.Module):
         return 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
 
     def configure_optimizers(self, s):
-        """The optimizers of settings s (train_gpt.py's names). optimizer="adamw": nanoGPT's recipe, AdamW
-        at learning_rate (betas beta1, beta2) for every parameter, weight_decay on matrices and embeddings.
-        optimizer="muon": torch.optim.Muon (muon_lr, muon_momentum, muon_weight_decay) for the 2-D matrices
-        inside the blocks, and AdamW (adam_beta1, adam_beta2, adam_eps) for the rest, in groups at their own
-        peaks: the token embedding at embedding_lr (gpt2's is tied to the head: it gets this rate too), an
-        untied head (llama) at head_lr, both with adam_weight_decay, and the rest (gpt2's positions, gains,
-        biases) at scalar_lr. embedding_lr and head_lr are tuned at n_embd = lr_ref_width: other widths
-        scale them by sqrt(lr_ref_width / n_embd) (nanochat's rule; 0 = no scaling). Muon's update is
-        orthogonalised, the same size at every width; torch.optim.Muon scales each matrix's rate by
-        sqrt(max(1, rows/cols)) itself."""
+        """The optimizers of settings s (train_gpt.py's names), one peak rate per group. The block matrices
+        take matrix_lr: torch.optim.Muon (muon_momentum, muon_weight_decay) when optimizer="muon", whose
+        orthogonalised update is the same size at every width, or AdamW when optimizer="adamw". AdamW
+        (adam_beta1, adam_beta2, adam_eps) takes the rest: an untied token embedding at embedding_lr, the
+        head at head_lr (gpt2's tied matrix is the head too), both with adam_weight_decay, and the gains,
+        biases and gpt2's positions at scalar_lr. muP's rule for Adam carries head_lr from n_embd =
+        lr_ref_width to other widths: the logits move by about rate x width per step, so the head's rate
+        falls as 1 / width; an embedding's input rate stays the same at every width."""
         fused = next(self.parameters()).device.type == "cuda"
         params = dict(self.named_parameters())  # a tied head appears once, as transformer.wte.weight
-        if s["optimizer"] == "adamw":
-            decay = [p for p in params.values() if p.dim() >= 2]
-            no_decay = [p for p in params.values() if p.dim() < 2]
-            groups = [dict(params=decay, weight_decay=s["weight_decay"]), dict(params=no_decay, weight_decay=0.0)]
-            return [torch.optim.AdamW(groups, lr=s["learning_rate"], betas=(s["beta1"], s["beta2"]), fused=fused)]
+        matrices = [p for n, p in params.items() if n.startswith("transformer.h.") and p.dim() == 2]
+        rest = [p for n, p in params.items() if n not in ("transformer.wte.weight", "lm_head.weight")
+                and not (n.startswith("transformer.h.") and p.dim() == 2)]
+        head_lr = s["head_lr"] * (s["lr_ref_width"] / self.config.n_embd if s["lr_ref_width"] else 1.0)
+        tied = "lm_head.weight" not in params
+        groups = [dict(name="embedding+head" if tied else "embedding", params=[params["transformer.wte.weight"]],
+                       lr=head_lr if tied else s["embedding_lr"], weight_decay=s["adam_weight_decay"]),
+                  dict(name="rest", params=rest, lr=s["scalar_lr"], weight_decay=0.0)]
+        if not tied:
+            groups.append(dict(name="head", params=[params["lm_head.weight"]], lr=head_lr,
+                               weight_decay=s["adam_weight_decay"]))
+        adam = dict(betas=(s["adam_beta1"], s["adam_beta2"]), eps=s["adam_eps"], fused=fused)
+        if s["optimizer"] == "adamw":  # nanoGPT's recipe decays every matrix, gpt2's positions too
+            groups[1:2] = [dict(name="positions", params=[p for p in rest if p.dim() >= 2], lr=s["scalar_lr"],
+                                weight_decay=s["adam_weight_decay"]),
+                           dict(name="rest", params=[p for p in rest if p.dim() < 2], lr=s["scalar_lr"],
+                                weight_decay=0.0)]
+            groups.append(dict(name="matrices", params=matrices, lr=s["matrix_lr"],
+                               weight_decay=s["adam_weight_decay"]))
+            return [torch.optim.AdamW([g for g in groups if g["params"]], **adam)]
         if s["optimizer"] != "muon":
             raise UserError(f"optimizer={s['optimizer']!r}: use 'muon' or 'adamw'")
-        hidden = [p for n, p in params.items() if n.startswith("transformer.h.") and p.dim() == 2]
-        width = (s["lr_ref_width"] / self.config.n_embd) ** 0.5 if s["lr_ref_width"] else 1.0
-        groups = [dict(params=[params["transformer.wte.weight"]], lr=s["embedding_lr"] * width,
-                       weight_decay=s["adam_weight_decay"]),
-                  dict(params=[p for n, p in params.items() if n not in ("transformer.wte.weight", "lm_head.weight")
-                               and not (n.startswith("transformer.h.") and p.dim() == 2)],
-                       lr=s["scalar_lr"], weight_decay=0.0)]
-        if "lm_head.weight" in params:  # untied (llama)
-            groups.append(dict(params=[params["lm_head.weight"]], lr=s["head_lr"] * width,
-                               weight_decay=s["adam_weight_decay"]))
-        return [torch.optim.AdamW(groups, betas=(s["adam_beta1"], s["adam_beta2"]), eps=s["adam_eps"], fused=fused),
-                torch.optim.Muon(hidden, lr=s["muon_lr"], momentum=s["muon_momentum"],
-                                 weight_decay=s["muon_weight_decay"])]
+        return [torch.optim.AdamW(groups, **adam),
+                torch.optim.Muon([dict(name="matrices", params=matrices)], lr=s["matrix_lr"],
+                                 momentum=s["muon_momentum"], weight_decay=s["muon_weight_decay"])]
 
     def decode_step(self, token, cache):
         """The logits (B, vocab) after one more token (B, 1) through the cached model. Its shapes never

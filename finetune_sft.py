@@ -14,7 +14,7 @@ seeded random order (a new permutation every epoch), right-padded to the longest
 longer than block_size + 1 tokens loses its end.
 
 Settings: the block below, then configs/*.toml files, then --key=value, in that order.
-The sections: settings, model (the same text in every stage script), setup, training loop.
+The sections: settings, model (the same text in every stage script), training step, setup, training loop.
 """
 
 import contextlib
@@ -34,30 +34,36 @@ from data.checkpoint import (
     OPTIMIZER_SETTINGS,
     RATES,
     check_resumable,
-    last_good_checkpoint,
     load_checkpoint,
     resolve_checkpoint,
     rng_states,
     save_checkpoint,
-    set_rng_states,
-    upgrade_optimizers,
 )
 from data.hellaswag import hellaswag_score, load_hellaswag
 from data.loaders import ExampleLoader
 from data.run import (
     RunLog,
     StopRequest,
-    changed_settings,
     duration,
     init_distributed,
     lock_run_dir,
-    param_norm,
     pick_autocast,
     refuse_to_overwrite,
     start_wandb,
 )
 from data.settings import check_settings, parse_settings
 from data.tokenizer import ASSISTANT, EOT, VOCAB_SIZE, chat_prompt, get_tokenizer
+from data.train import (
+    evaluate,
+    finish,
+    group_rates,
+    read_figures,
+    restore,
+    resume_changes,
+    resume_optimizers,
+    set_rates,
+    stop_if_diverged,
+)
 
 one_line_errors()
 
@@ -68,7 +74,7 @@ block_size = 0  # examples are cut to block_size + 1 tokens; 0 = the model's blo
 # data
 data_dir = "data/sft"  # train_* and val_* examples from data/sft_mix.py
 batch_size = 16  # micro-batch, in examples
-gradient_accumulation_steps = 4  # micro-batches per optimizer step, all ranks together
+total_batch_size = 64  # examples per optimizer step, all ranks together: 4 micro-batches of 16 on one GPU
 val_examples = 2000  # val loss over the first N val examples, the same ones at every eval; 0 = all
 # optimizer: pretraining's (its groups, betas, weight decay: the base checkpoint's settings), a fresh state
 lr_scale = 0.1  # every peak rate is the base run's x lr_scale (FGPT fine-tuned at 1e-7: far too small to move a model)
@@ -102,15 +108,6 @@ seed = 1337
 config = parse_settings(globals(), sys.argv[1:])
 globals().update(config)
 
-
-def lr_factor(step, c):
-    """The learning rate at `step` as a fraction of its peak, under the schedule of settings c (this run's,
-    or a checkpoint's): linear warmup, then a straight line down to min_lr_frac at the end (lr_decay_iters
-    or max_iters). A fine-tune is short; a cosine's long flat top buys it nothing."""
-    end = c["lr_decay_iters"] or c["max_iters"]
-    if step < c["warmup_iters"]:
-        return (step + 1) / c["warmup_iters"]
-    return 1 - (1 - c["min_lr_frac"]) * min(1.0, (step - c["warmup_iters"]) / max(1, end - c["warmup_iters"]))
 
 
 # ----------------------------------------------------------------------------- model
@@ -311,38 +308,41 @@ class GPT(nn.Module):
         return 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
 
     def configure_optimizers(self, s):
-        """The optimizers of settings s (train_gpt.py's names). optimizer="adamw": nanoGPT's recipe, AdamW
-        at learning_rate (betas beta1, beta2) for every parameter, weight_decay on matrices and embeddings.
-        optimizer="muon": torch.optim.Muon (muon_lr, muon_momentum, muon_weight_decay) for the 2-D matrices
-        inside the blocks, and AdamW (adam_beta1, adam_beta2, adam_eps) for the rest, in groups at their own
-        peaks: the token embedding at embedding_lr (gpt2's is tied to the head: it gets this rate too), an
-        untied head (llama) at head_lr, both with adam_weight_decay, and the rest (gpt2's positions, gains,
-        biases) at scalar_lr. embedding_lr and head_lr are tuned at n_embd = lr_ref_width: other widths
-        scale them by sqrt(lr_ref_width / n_embd) (nanochat's rule; 0 = no scaling). Muon's update is
-        orthogonalised, the same size at every width; torch.optim.Muon scales each matrix's rate by
-        sqrt(max(1, rows/cols)) itself."""
+        """The optimizers of settings s (train_gpt.py's names), one peak rate per group. The block matrices
+        take matrix_lr: torch.optim.Muon (muon_momentum, muon_weight_decay) when optimizer="muon", whose
+        orthogonalised update is the same size at every width, or AdamW when optimizer="adamw". AdamW
+        (adam_beta1, adam_beta2, adam_eps) takes the rest: an untied token embedding at embedding_lr, the
+        head at head_lr (gpt2's tied matrix is the head too), both with adam_weight_decay, and the gains,
+        biases and gpt2's positions at scalar_lr. muP's rule for Adam carries head_lr from n_embd =
+        lr_ref_width to other widths: the logits move by about rate x width per step, so the head's rate
+        falls as 1 / width; an embedding's input rate stays the same at every width."""
         fused = next(self.parameters()).device.type == "cuda"
         params = dict(self.named_parameters())  # a tied head appears once, as transformer.wte.weight
-        if s["optimizer"] == "adamw":
-            decay = [p for p in params.values() if p.dim() >= 2]
-            no_decay = [p for p in params.values() if p.dim() < 2]
-            groups = [dict(params=decay, weight_decay=s["weight_decay"]), dict(params=no_decay, weight_decay=0.0)]
-            return [torch.optim.AdamW(groups, lr=s["learning_rate"], betas=(s["beta1"], s["beta2"]), fused=fused)]
+        matrices = [p for n, p in params.items() if n.startswith("transformer.h.") and p.dim() == 2]
+        rest = [p for n, p in params.items() if n not in ("transformer.wte.weight", "lm_head.weight")
+                and not (n.startswith("transformer.h.") and p.dim() == 2)]
+        head_lr = s["head_lr"] * (s["lr_ref_width"] / self.config.n_embd if s["lr_ref_width"] else 1.0)
+        tied = "lm_head.weight" not in params
+        groups = [dict(name="embedding+head" if tied else "embedding", params=[params["transformer.wte.weight"]],
+                       lr=head_lr if tied else s["embedding_lr"], weight_decay=s["adam_weight_decay"]),
+                  dict(name="rest", params=rest, lr=s["scalar_lr"], weight_decay=0.0)]
+        if not tied:
+            groups.append(dict(name="head", params=[params["lm_head.weight"]], lr=head_lr,
+                               weight_decay=s["adam_weight_decay"]))
+        adam = dict(betas=(s["adam_beta1"], s["adam_beta2"]), eps=s["adam_eps"], fused=fused)
+        if s["optimizer"] == "adamw":  # nanoGPT's recipe decays every matrix, gpt2's positions too
+            groups[1:2] = [dict(name="positions", params=[p for p in rest if p.dim() >= 2], lr=s["scalar_lr"],
+                                weight_decay=s["adam_weight_decay"]),
+                           dict(name="rest", params=[p for p in rest if p.dim() < 2], lr=s["scalar_lr"],
+                                weight_decay=0.0)]
+            groups.append(dict(name="matrices", params=matrices, lr=s["matrix_lr"],
+                               weight_decay=s["adam_weight_decay"]))
+            return [torch.optim.AdamW([g for g in groups if g["params"]], **adam)]
         if s["optimizer"] != "muon":
             raise UserError(f"optimizer={s['optimizer']!r}: use 'muon' or 'adamw'")
-        hidden = [p for n, p in params.items() if n.startswith("transformer.h.") and p.dim() == 2]
-        width = (s["lr_ref_width"] / self.config.n_embd) ** 0.5 if s["lr_ref_width"] else 1.0
-        groups = [dict(params=[params["transformer.wte.weight"]], lr=s["embedding_lr"] * width,
-                       weight_decay=s["adam_weight_decay"]),
-                  dict(params=[p for n, p in params.items() if n not in ("transformer.wte.weight", "lm_head.weight")
-                               and not (n.startswith("transformer.h.") and p.dim() == 2)],
-                       lr=s["scalar_lr"], weight_decay=0.0)]
-        if "lm_head.weight" in params:  # untied (llama)
-            groups.append(dict(params=[params["lm_head.weight"]], lr=s["head_lr"] * width,
-                               weight_decay=s["adam_weight_decay"]))
-        return [torch.optim.AdamW(groups, betas=(s["adam_beta1"], s["adam_beta2"]), eps=s["adam_eps"], fused=fused),
-                torch.optim.Muon(hidden, lr=s["muon_lr"], momentum=s["muon_momentum"],
-                                 weight_decay=s["muon_weight_decay"])]
+        return [torch.optim.AdamW(groups, **adam),
+                torch.optim.Muon([dict(name="matrices", params=matrices)], lr=s["matrix_lr"],
+                                 momentum=s["muon_momentum"], weight_decay=s["muon_weight_decay"])]
 
     def decode_step(self, token, cache):
         """The logits (B, vocab) after one more token (B, 1) through the cached model. Its shapes never
@@ -462,9 +462,54 @@ def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 
 # ----------------------------------------------------------------------------- end of model
 
+# ----------------------------------------------------------------------------- training step
+
+
+def lr_factor(step, c):
+    """The learning rate at `step` as a fraction of its peak, under the schedule of settings c (this run's,
+    or a checkpoint's): linear warmup, then a straight line down to min_lr_frac at the end (lr_decay_iters
+    or max_iters). A fine-tune is short; a cosine's long flat top buys it nothing."""
+    end = c["lr_decay_iters"] or c["max_iters"]
+    if step < c["warmup_iters"]:
+        return (step + 1) / c["warmup_iters"]
+    return 1 - (1 - c["min_lr_frac"]) * min(1.0, (step - c["warmup_iters"]) / max(1, end - c["warmup_iters"]))
+
+
+def train_step(model, raw_model, optimizers, next_batch, grad_accum, grad_clip, autocast, ddp=False, world_size=1):
+    """One optimizer step at the rates set_rates gave the groups: forward and backward over grad_accum
+    micro-batches, clip, step. The loss is the mean over every reply token of the step (all micro-batches
+    and ranks), so each token weighs the same wherever it lands; a mean of per-micro-batch means would weigh
+    a token in a short batch more. Returns the step's figures (data/train.py read_figures) and its tokens."""
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    batches = [next_batch() for _ in range(grad_accum)]
+    counts = [(y != -1).sum() for _, y in batches]
+    n_total = torch.stack(counts).sum().float()
+    if ddp:
+        dist.all_reduce(n_total)
+    n_total = n_total.clamp(min=1)  # a step whose replies were all cut off: zero loss and gradients, no NaN
+    loss_sum = 0.0
+    for micro, ((x, y), n) in enumerate(zip(batches, counts, strict=True)):
+        # DDP all-reduces gradients on the last micro-step only; the others accumulate locally
+        sync = not ddp or micro == grad_accum - 1
+        with model.no_sync() if not sync else contextlib.nullcontext(), autocast:
+            logits, loss = model(x, y)
+        last_logits = logits[:, -1].detach().float().clone()  # (B, vocab): the logits' spread is read from these
+        del logits  # not held through the backward: (B, T, vocab) is the largest activation
+        (loss * n * world_size / n_total).backward()  # DDP averages the ranks' gradients: undo its 1/world_size
+        loss_sum += loss.detach() * n
+    if ddp:
+        dist.all_reduce(loss_sum)
+    norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    for opt in optimizers:
+        opt.step()
+    tokens = sum(x.numel() for x, _ in batches) * world_size
+    return read_figures(loss_sum / n_total, norm, raw_model, last_logits), tokens
+
+
 # ----------------------------------------------------------------------------- setup
 # Every setting is checked before anything is written, so a refused run leaves no out_dir behind.
-check_settings(config, positive=("batch_size", "gradient_accumulation_steps", "max_iters", "log_interval",
+check_settings(config, positive=("batch_size", "total_batch_size", "max_iters", "log_interval",
                                  "eval_interval", "checkpoint_interval", "sample_tokens"),
                non_negative=("block_size", "val_examples", "lr_scale", "warmup_iters", "lr_decay_iters", "grad_clip",
                              "sample_interval", "keep_last", "hellaswag_limit"),
@@ -478,10 +523,11 @@ dtype, autocast = pick_autocast(device, dtype)
 torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and later
 torch.manual_seed(seed)
 
-if gradient_accumulation_steps % world_size:
-    raise UserError(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the "
-                    f"{world_size} ranks")
-grad_accum = gradient_accumulation_steps // world_size  # micro-steps per rank
+# total_batch_size examples per step = world_size ranks x grad_accum micro-steps x batch_size
+if total_batch_size % (batch_size * world_size):
+    raise UserError(f"total_batch_size={total_batch_size} must be a multiple of batch_size * world_size = "
+                    f"{batch_size} * {world_size} = {batch_size * world_size} examples")
+grad_accum = total_batch_size // (batch_size * world_size)  # micro-steps per rank
 
 resume = init_from == "resume"
 ckpt_path = resolve_checkpoint(out_dir if resume else init_from)
@@ -511,6 +557,12 @@ val_loader = ExampleLoader(data_dir, "val", batch_size, block_size, device=devic
 n_val = min(val_examples or val_loader.n, val_loader.n)
 val_batches = [val_loader.batch(range(i, min(i + batch_size, n_val)))
                for i in range(0, n_val, batch_size)[rank::world_size]]
+unscored = {"train": int((~loader.has_loss).sum()), "val": int((~val_loader.has_loss[:n_val]).sum())}
+for split, total in (("train", loader.n), ("val", n_val)):
+    if unscored[split] == total:  # every reply starts past the cut: nothing to learn or to score
+        raise UserError(f"block_size={block_size}: none of the {total:,} {split} examples keeps a reply token within "
+                        f"its first {block_size + 1} tokens; raise block_size (the model's is "
+                        f"{model.config.block_size}), or 0 for the model's")
 hellaswag_examples = None
 if hellaswag:
     if not Path(hellaswag_file).is_file():
@@ -532,9 +584,11 @@ if missing:
     raise UserError(f"{ckpt_path}: its settings lack {', '.join(missing[:3])}, so its optimizer recipe is unknown; "
                     "fine-tune a checkpoint written by train_gpt.py")
 config.update({k: recipe[k] for k in OPTIMIZER_SETTINGS})
-optimizers = raw_model.configure_optimizers({**config, **{k: config[k] * lr_scale for k in RATES}})
-if resume:  # one saved before per-group rates resumes in its own AdamW layout
-    optimizers = upgrade_optimizers(checkpoint, raw_model, optimizers)
+scaled = {**config, **{k: config[k] * lr_scale for k in RATES}}  # the rates this run trains at
+if resume:  # this run's settings, the checkpoint's moments
+    optimizers = resume_optimizers(checkpoint, raw_model, scaled, str(ckpt_path))
+else:
+    optimizers = raw_model.configure_optimizers(scaled)
 base_lrs = [[group["lr"] for group in opt.param_groups] for opt in optimizers]  # this run's peaks, scaled each step
 if compile and device_type == "cuda":
     model = torch.compile(model)  # lengths vary by batch: after one recompile it treats them as dynamic
@@ -543,14 +597,8 @@ if ddp:
     model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device_type == "cuda" else None)
 
 step, best_val_loss, evaluated = 0, float("inf"), False  # evaluated: this step's evals are logged
-if resume:
-    # Resume: the optimizer moments, the loader's position and every RNG continue where the run stopped.
-    for opt, state in zip(optimizers, checkpoint["optimizers"], strict=True):
-        opt.load_state_dict(state)
-    loader.load_state_dict(checkpoint["loader"])
-    set_rng_states(checkpoint["rng"])
-    step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
-    evaluated = checkpoint["evals_done"]  # False when a signal stopped the run before they ran
+if resume:  # the loader's position and every RNG continue: bitwise the steps of an unbroken run
+    step, best_val_loss, evaluated = restore(checkpoint, loader)
     saved = checkpoint["config"]
 del checkpoint  # the weights now live in the model: free the copy
 
@@ -562,32 +610,18 @@ log.print(f"model: {n_params / 1e6:.1f}M parameters from {ckpt_path} | device {d
           f"rank(s) x {grad_accum} micro-steps x {batch_size} examples of <= {block_size + 1} tokens")
 log.print(f"data: {data_dir}, {loader.n:,} train examples ({len(loader.tokens):,} tokens), {n_val:,} of "
           f"{val_loader.n:,} val examples scored" + (f"; resumed at step {step}" if resume else ""))
-if resume:  # a changed schedule setting moves the learning rate under a resumed run's feet
+if any(unscored.values()):
+    log.print(f"warning: {unscored['train']:,} of {loader.n:,} train and {unscored['val']:,} of {n_val:,} val examples "
+              f"carry no loss: their replies start past block_size + 1 = {block_size + 1} tokens")
+log.print(f"peak rates: {group_rates(optimizers, base_lrs)} (the base run's x lr_scale={lr_scale}); each step x "
+          "the schedule's factor (lr_factor)")
+if resume:
+    log.print(resume_changes(saved, config, [k for k in config if k not in ("init_from", "out_dir")]) or
+              "resume: the settings are the checkpoint's")
     was, now = lr_factor(step, saved), lr_factor(step, config)
     if not math.isclose(was, now):
-        changed = changed_settings(saved, config, ("max_iters", "warmup_iters", "lr_decay_iters", "min_lr_frac"))
-        log.print(f"warning: {', '.join(changed)} moves the learning rate at step {step} (the schedule's factor "
-                  f"{was:.3f} -> {now:.3f})")
-
-
-@torch.no_grad()
-def evaluate():
-    """Mean loss per reply token over the fixed val examples (all ranks together); None when a stop
-    signal cut it short."""
-    model.eval()
-    total = torch.zeros(2, device=device)
-    for x, y in val_batches:
-        if stop_requested.signals and not ddp:  # a long val pass must not hold up Ctrl-C (DDP ranks must agree)
-            model.train()
-            return None
-        with autocast:
-            _, loss = compiled(x, y)  # not the DDP wrapper: no gradients, nothing to all-reduce
-        n = (y != -1).sum()
-        total += torch.stack([loss.float() * n, n.float()])
-    if ddp:
-        dist.all_reduce(total)
-    model.train()
-    return (total[0] / total[1].clamp(min=1)).item()
+        log.print(f"warning: the schedule's factor at step {step} jumps {was:.3f} -> {now:.3f}; to lengthen a run "
+                  "smoothly, set lr_decay_iters to its final length from the start")
 
 
 @torch.no_grad()
@@ -628,7 +662,7 @@ while True:
     # with evaluated=True when its start step's evaluations are logged already.
     record = {}
     if not evaluated and (step % eval_interval == 0 or last_step):
-        val_loss = evaluate()
+        val_loss = evaluate(compiled, val_batches, autocast, stop_requested, ddp, device)  # compiled: no DDP, no grads
         if val_loss is None:  # Ctrl-C cut the val pass short: checkpoint now; a resumed run evaluates this step
             log.print(f"step {step}: interrupted by signal during evaluation")
             break
@@ -649,55 +683,21 @@ while True:
     if step > start_step and step % checkpoint_interval == 0:
         write_checkpoint()
 
-    # One optimizer step. The loss is the mean over every reply token of the step (all micro-batches
-    # and ranks), so each token weighs the same wherever it lands; a mean of per-micro-batch means
-    # would weigh a token in a short batch more.
-    lr_now = lr_factor(step, config)
-    for opt, lrs in zip(optimizers, base_lrs, strict=True):
-        for group, lr in zip(opt.param_groups, lrs, strict=True):
-            group["lr"] = lr * lr_now
-            if isinstance(opt, torch.optim.Muon):
-                group["momentum"] = muon_momentum_at(step, config)
-    for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
-    batches = [loader.next_batch() for _ in range(grad_accum)]
-    counts = [(y != -1).sum() for _, y in batches]
-    n_total = torch.stack(counts).sum().float()
-    if ddp:
-        dist.all_reduce(n_total)
-    n_total = n_total.clamp(min=1)  # a step whose replies were all cut off: zero loss and gradients, no NaN
-    loss_sum = torch.zeros((), device=device)
-    for micro, ((x, y), n) in enumerate(zip(batches, counts, strict=True)):
-        # DDP all-reduces gradients on the last micro-step only; the others accumulate locally
-        sync = not ddp or micro == grad_accum - 1
-        with model.no_sync() if not sync else contextlib.nullcontext(), autocast:
-            _, loss = model(x, y)
-        (loss * n * world_size / n_total).backward()  # DDP averages the ranks' gradients: undo its 1/world_size
-        loss_sum += loss.detach() * n
-    if ddp:
-        dist.all_reduce(loss_sum)
-    norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    for opt in optimizers:
-        opt.step()
+    set_rates(optimizers, base_lrs, lr_now := lr_factor(step, config), muon_momentum_at(step, config))
+    figures, tokens = train_step(model, raw_model, optimizers, loader.next_batch, grad_accum, grad_clip, autocast,
+                                 ddp, world_size)
     step += 1
     evaluated = False
-    tokens_since += sum(x.numel() for x, _ in batches) * world_size
-
-    # The NaN guard: one host sync per step, so a diverged step (its loss, its gradients or the weights it
-    # left) stops the run before they are ever evaluated, sampled or saved.
-    loss_value, norm_value, weights_norm = torch.stack([loss_sum / n_total, norm, param_norm(raw_model)]).tolist()
-    if not all(map(math.isfinite, (loss_value, norm_value, weights_norm))):
-        log.print(f"step {step}: loss {loss_value}, grad norm {norm_value}, param norm {weights_norm}: stopping; "
-                  f"{last_good_checkpoint(out_dir)} (try a lower learning rate or grad_clip)")
-        sys.exit(1)
+    tokens_since += tokens
+    stop_if_diverged(figures, step, out_dir, log)  # before anything evaluates, samples or saves these weights
     if step % log_interval == 0 or step == max_iters:
         now = time.perf_counter()
         dt = now - time_since
-        rec = {"step": step, "loss": loss_value, "lr": base_lrs[-1][0] * lr_now, "grad_norm": norm_value,
-               "param_norm": weights_norm, "tokens_per_sec": tokens_since / dt}
+        rec = {"step": step, **figures, "lr_factor": lr_now, "tokens_per_sec": tokens_since / dt}
         eta = (now - run_start) / (step - start_step) * (max_iters - step)  # evals and checkpoints included
-        log.print(f"step {step}/{max_iters}: loss {loss_value:.4f}, lr {rec['lr']:.2e}, grad norm {norm_value:.3f}, "
-                  f"param norm {rec['param_norm']:.1f}, {rec['tokens_per_sec']:,.0f} tok/s, "
+        log.print(f"step {step}/{max_iters}: loss {rec['loss']:.4f}, lr x{lr_now:.3f}, grad norm "
+                  f"{rec['grad_norm']:.3f}, param norm {rec['param_norm']:.1f}, head norm {rec['head_norm']:.1f}, "
+                  f"logit std {rec['logit_std']:.2f}, {rec['tokens_per_sec']:,.0f} tok/s, "
                   f"{1000 * dt / (step - logged_step):.0f} ms/step | {duration(now - run_start)} elapsed, "
                   f"ETA {duration(eta)}")
         log.metrics(rec)
@@ -708,6 +708,4 @@ while True:
 
 write_checkpoint()
 log.close()  # the final curves.png
-if ddp:
-    dist.barrier()  # gloo aborts a rank that leaves while another is still writing the checkpoint
-    dist.destroy_process_group()
+finish(ddp)

@@ -9,7 +9,7 @@ Pretrain a GPT on FineWeb-Edu token shards: one GPU, or several under torchrun.
     torchrun --standalone --nproc_per_node=8 train_gpt.py                # DDP over 8 GPUs
 
 Settings: the block below, then configs/*.toml files, then --key=value, in that order.
-The sections: settings, model (the same text in every stage script), setup, training loop.
+The sections: settings, model (the same text in every stage script), training step, setup, training loop.
 """
 
 import contextlib
@@ -25,27 +25,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import UserError, one_line_errors
-from data.checkpoint import (
-    RATES,
-    check_resumable,
-    last_good_checkpoint,
-    load_checkpoint,
-    rng_states,
-    save_checkpoint,
-    set_rng_states,
-    upgrade_optimizers,
-)
+from data.checkpoint import check_resumable, load_checkpoint, rng_states, save_checkpoint
 from data.hellaswag import hellaswag_score, load_hellaswag
 from data.loaders import BatchLoader, ValData
 from data.run import (
     RunLog,
     StopRequest,
-    changed_settings,
     duration,
     gpu_peak_flops,
     init_distributed,
     lock_run_dir,
-    param_norm,
     pick_autocast,
     refuse_architecture_change,
     refuse_to_overwrite,
@@ -53,6 +42,17 @@ from data.run import (
 )
 from data.settings import check_settings, parse_settings
 from data.tokenizer import EOT, VOCAB_SIZE, get_tokenizer
+from data.train import (
+    evaluate,
+    finish,
+    group_rates,
+    read_figures,
+    restore,
+    resume_changes,
+    resume_optimizers,
+    set_rates,
+    stop_if_diverged,
+)
 
 one_line_errors()
 
@@ -72,25 +72,20 @@ loader_mode = "shuffle"  # every train window once per epoch in a seeded order; 
 batch_size = 32  # micro-batch, in sequences; 32 x 1024 fits a 40 GB GPU at 124M, 64 fits 80 GB
 total_batch_size = 524288  # tokens per optimizer step: 2**19 ~ 0.5M, GPT-3 small's batch
 val_tokens = 10485760  # fixed val set: 20 * 2**19 tokens, the same ones at every eval
-# optimizer: peak learning rates per group (the schedule below scales them all alike); measured at widths 64-128,
-# 4 layers, 256K tokens: bench/RECIPE.md. There these beat AdamW's best by 0.7-0.8 nats, the old defaults by 0.7-1.4
-optimizer = "muon"  # "muon": Muon for the block matrices, AdamW per group for the rest; "adamw": nanoGPT's recipe
-muon_lr = 0.04  # block matrices; torch.optim.Muon scales each by sqrt(max(1, rows/cols)) (Keller Jordan's rule)
+# optimizer: a peak rate per group, which the schedule below scales alike; measured at widths 64-768: bench/RECIPE.md
+optimizer = "muon"  # "muon": Muon for the block matrices, AdamW for the rest; "adamw": AdamW for all (nanoGPT)
+matrix_lr = 0.04  # the block matrices: Muon's rate (torch.optim.Muon scales it by sqrt(max(1, rows/cols))), or AdamW's
+embedding_lr = 0.3  # AdamW: an untied token embedding (llama), at every width
+head_lr = 0.008  # AdamW: the head, and gpt2's tied embedding+head; x lr_ref_width / n_embd at other widths (muP)
+scalar_lr = 0.03  # AdamW: the rest: gpt2's position embedding, norm gains, biases
+lr_ref_width = 768  # the width head_lr is set for; 0 = the same head_lr at every width
 muon_momentum = 0.95  # Muon's Nesterov momentum
 muon_momentum_warmup = 0  # steps over which the momentum rises from 0.85 to muon_momentum (modded-nanogpt); 0 = off
 muon_weight_decay = 0.0
-embedding_lr = 0.1  # AdamW: the token embedding; gpt2's is tied to the head and gets this rate too
-head_lr = 0.008  # AdamW: an untied head (llama's unembedding)
-scalar_lr = 0.03  # AdamW: the rest: gpt2's position embedding, norm gains, biases
-lr_ref_width = 768  # embedding_lr and head_lr suit n_embd=768; width W gets them x sqrt(768 / W) (nanochat); 0 = off
-adam_beta1 = 0.8  # AdamW's betas and eps in muon mode (nanochat's and modded-nanogpt's)
+adam_beta1 = 0.8  # AdamW's betas and eps (nanochat's and modded-nanogpt's)
 adam_beta2 = 0.95
 adam_eps = 1e-10
-adam_weight_decay = 0.0  # on the embeddings and head; never on gains or biases
-learning_rate = 6e-4  # optimizer="adamw" only: every parameter (nanoGPT's recipe, with the next three)
-weight_decay = 0.1  # optimizer="adamw" only: on matrices and embeddings
-beta1 = 0.9  # optimizer="adamw" only
-beta2 = 0.95  # optimizer="adamw" only
+adam_weight_decay = 0.0  # on the embedding and head (optimizer="adamw": on every matrix); never on gains or biases
 max_iters = 19073  # optimizer steps: 10B tokens / 2**19 = one pass over FineWeb-Edu sample-10BT
 warmup_iters = 700  # linear warmup steps (none: +0.07 nats at small scale; the tied embedding's rate needs it)
 lr_schedule = "cosine"  # "cosine" to min_lr_frac, or "wsd" (warmup-stable-decay, a trapezoid)
@@ -98,8 +93,6 @@ lr_decay_iters = 0  # step where the schedule ends; 0 = max_iters (set it to res
 min_lr_frac = 0.1  # final learning rate as a fraction of the peak
 decay_frac = 0.2  # wsd: the last fraction of the run spent decaying
 grad_clip = 1.0  # clip the global gradient norm; 0 = off
-grad_clip_late = 0.5  # the clip value from grad_clip_late_step on (FGPT had to lower it mid-run)
-grad_clip_late_step = 0  # 0 = never switch
 # evaluation, logging, checkpoints
 out_dir = "logs/gpt2_124m"
 log_interval = 10  # steps between metrics.jsonl records
@@ -125,20 +118,6 @@ peak_flops = 0.0  # the GPU's dense bf16 FLOP/s for MFU; 0 = look it up in data/
 
 config = parse_settings(globals(), sys.argv[1:])
 globals().update(config)
-
-def lr_factor(step, c):
-    """The learning rate at `step` as a fraction of its peak, under the schedule of settings c (this run's,
-    or a checkpoint's): linear warmup over warmup_iters, then a cosine down to min_lr_frac at the end
-    (lr_decay_iters or max_iters), or warmup-stable-decay ("wsd": flat, then linear down to min_lr_frac
-    over the last decay_frac of the run)."""
-    end = c["lr_decay_iters"] or c["max_iters"]
-    if step < c["warmup_iters"]:
-        return (step + 1) / c["warmup_iters"]
-    if c["lr_schedule"] == "wsd":
-        decay_start = end * (1 - c["decay_frac"])
-        return 1 - (1 - c["min_lr_frac"]) * min(1.0, max(0.0, step - decay_start) / max(1, end - decay_start))
-    progress = min(1.0, (step - c["warmup_iters"]) / max(1, end - c["warmup_iters"]))
-    return c["min_lr_frac"] + (1 - c["min_lr_frac"]) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 # ----------------------------------------------------------------------------- model
@@ -339,38 +318,41 @@ class GPT(nn.Module):
         return 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
 
     def configure_optimizers(self, s):
-        """The optimizers of settings s (train_gpt.py's names). optimizer="adamw": nanoGPT's recipe, AdamW
-        at learning_rate (betas beta1, beta2) for every parameter, weight_decay on matrices and embeddings.
-        optimizer="muon": torch.optim.Muon (muon_lr, muon_momentum, muon_weight_decay) for the 2-D matrices
-        inside the blocks, and AdamW (adam_beta1, adam_beta2, adam_eps) for the rest, in groups at their own
-        peaks: the token embedding at embedding_lr (gpt2's is tied to the head: it gets this rate too), an
-        untied head (llama) at head_lr, both with adam_weight_decay, and the rest (gpt2's positions, gains,
-        biases) at scalar_lr. embedding_lr and head_lr are tuned at n_embd = lr_ref_width: other widths
-        scale them by sqrt(lr_ref_width / n_embd) (nanochat's rule; 0 = no scaling). Muon's update is
-        orthogonalised, the same size at every width; torch.optim.Muon scales each matrix's rate by
-        sqrt(max(1, rows/cols)) itself."""
+        """The optimizers of settings s (train_gpt.py's names), one peak rate per group. The block matrices
+        take matrix_lr: torch.optim.Muon (muon_momentum, muon_weight_decay) when optimizer="muon", whose
+        orthogonalised update is the same size at every width, or AdamW when optimizer="adamw". AdamW
+        (adam_beta1, adam_beta2, adam_eps) takes the rest: an untied token embedding at embedding_lr, the
+        head at head_lr (gpt2's tied matrix is the head too), both with adam_weight_decay, and the gains,
+        biases and gpt2's positions at scalar_lr. muP's rule for Adam carries head_lr from n_embd =
+        lr_ref_width to other widths: the logits move by about rate x width per step, so the head's rate
+        falls as 1 / width; an embedding's input rate stays the same at every width."""
         fused = next(self.parameters()).device.type == "cuda"
         params = dict(self.named_parameters())  # a tied head appears once, as transformer.wte.weight
-        if s["optimizer"] == "adamw":
-            decay = [p for p in params.values() if p.dim() >= 2]
-            no_decay = [p for p in params.values() if p.dim() < 2]
-            groups = [dict(params=decay, weight_decay=s["weight_decay"]), dict(params=no_decay, weight_decay=0.0)]
-            return [torch.optim.AdamW(groups, lr=s["learning_rate"], betas=(s["beta1"], s["beta2"]), fused=fused)]
+        matrices = [p for n, p in params.items() if n.startswith("transformer.h.") and p.dim() == 2]
+        rest = [p for n, p in params.items() if n not in ("transformer.wte.weight", "lm_head.weight")
+                and not (n.startswith("transformer.h.") and p.dim() == 2)]
+        head_lr = s["head_lr"] * (s["lr_ref_width"] / self.config.n_embd if s["lr_ref_width"] else 1.0)
+        tied = "lm_head.weight" not in params
+        groups = [dict(name="embedding+head" if tied else "embedding", params=[params["transformer.wte.weight"]],
+                       lr=head_lr if tied else s["embedding_lr"], weight_decay=s["adam_weight_decay"]),
+                  dict(name="rest", params=rest, lr=s["scalar_lr"], weight_decay=0.0)]
+        if not tied:
+            groups.append(dict(name="head", params=[params["lm_head.weight"]], lr=head_lr,
+                               weight_decay=s["adam_weight_decay"]))
+        adam = dict(betas=(s["adam_beta1"], s["adam_beta2"]), eps=s["adam_eps"], fused=fused)
+        if s["optimizer"] == "adamw":  # nanoGPT's recipe decays every matrix, gpt2's positions too
+            groups[1:2] = [dict(name="positions", params=[p for p in rest if p.dim() >= 2], lr=s["scalar_lr"],
+                                weight_decay=s["adam_weight_decay"]),
+                           dict(name="rest", params=[p for p in rest if p.dim() < 2], lr=s["scalar_lr"],
+                                weight_decay=0.0)]
+            groups.append(dict(name="matrices", params=matrices, lr=s["matrix_lr"],
+                               weight_decay=s["adam_weight_decay"]))
+            return [torch.optim.AdamW([g for g in groups if g["params"]], **adam)]
         if s["optimizer"] != "muon":
             raise UserError(f"optimizer={s['optimizer']!r}: use 'muon' or 'adamw'")
-        hidden = [p for n, p in params.items() if n.startswith("transformer.h.") and p.dim() == 2]
-        width = (s["lr_ref_width"] / self.config.n_embd) ** 0.5 if s["lr_ref_width"] else 1.0
-        groups = [dict(params=[params["transformer.wte.weight"]], lr=s["embedding_lr"] * width,
-                       weight_decay=s["adam_weight_decay"]),
-                  dict(params=[p for n, p in params.items() if n not in ("transformer.wte.weight", "lm_head.weight")
-                               and not (n.startswith("transformer.h.") and p.dim() == 2)],
-                       lr=s["scalar_lr"], weight_decay=0.0)]
-        if "lm_head.weight" in params:  # untied (llama)
-            groups.append(dict(params=[params["lm_head.weight"]], lr=s["head_lr"] * width,
-                               weight_decay=s["adam_weight_decay"]))
-        return [torch.optim.AdamW(groups, betas=(s["adam_beta1"], s["adam_beta2"]), eps=s["adam_eps"], fused=fused),
-                torch.optim.Muon(hidden, lr=s["muon_lr"], momentum=s["muon_momentum"],
-                                 weight_decay=s["muon_weight_decay"])]
+        return [torch.optim.AdamW(groups, **adam),
+                torch.optim.Muon([dict(name="matrices", params=matrices)], lr=s["matrix_lr"],
+                                 momentum=s["muon_momentum"], weight_decay=s["muon_weight_decay"])]
 
     def decode_step(self, token, cache):
         """The logits (B, vocab) after one more token (B, 1) through the cached model. Its shapes never
@@ -490,20 +472,65 @@ def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 
 # ----------------------------------------------------------------------------- end of model
 
+# ----------------------------------------------------------------------------- training step
+# What one step computes; bench/bench_train.py times these very lines (bench/stage_code.py runs this section).
+
+
+def lr_factor(step, c):
+    """The learning rate at `step` as a fraction of its peak, under the schedule of settings c (this run's,
+    or a checkpoint's): linear warmup over warmup_iters, then a cosine down to min_lr_frac at the end
+    (lr_decay_iters or max_iters), or warmup-stable-decay ("wsd": flat, then linear down to min_lr_frac
+    over the last decay_frac of the run)."""
+    end = c["lr_decay_iters"] or c["max_iters"]
+    if step < c["warmup_iters"]:
+        return (step + 1) / c["warmup_iters"]
+    if c["lr_schedule"] == "wsd":
+        decay_start = end * (1 - c["decay_frac"])
+        return 1 - (1 - c["min_lr_frac"]) * min(1.0, max(0.0, step - decay_start) / max(1, end - decay_start))
+    progress = min(1.0, (step - c["warmup_iters"]) / max(1, end - c["warmup_iters"]))
+    return c["min_lr_frac"] + (1 - c["min_lr_frac"]) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_step(model, raw_model, optimizers, next_batch, grad_accum, grad_clip, autocast, ddp=False):
+    """One optimizer step at the rates set_rates gave the groups: forward and backward over grad_accum
+    micro-batches from next_batch(), clip, step. Each micro-batch's loss is divided by grad_accum, so the
+    summed gradients are those of the mean over one big batch. Returns the step's figures (data/train.py
+    read_figures), read in the step's one host sync."""
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    loss_sum = 0.0
+    for micro in range(grad_accum):
+        x, y = next_batch()
+        # DDP all-reduces gradients on the last micro-step only; the others accumulate locally
+        sync = not ddp or micro == grad_accum - 1
+        with model.no_sync() if not sync else contextlib.nullcontext(), autocast:
+            logits, loss = model(x, y)
+        last_logits = logits[:, -1].detach().float().clone()  # (B, vocab): the logits' spread is read from these
+        del logits  # not held through the backward: (B, T, vocab) is the largest activation
+        (loss / grad_accum).backward()
+        loss_sum += loss.detach()
+    if ddp:
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+    norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    for opt in optimizers:
+        opt.step()
+    return read_figures(loss_sum / grad_accum, norm, raw_model, last_logits)
+
+
 # ----------------------------------------------------------------------------- setup
 # Every setting is checked before anything is written, so a refused run leaves no out_dir behind.
 check_settings(config, positive=("n_layer", "n_head", "n_embd", "block_size", "batch_size", "total_batch_size",
-                                 "max_iters", "log_interval", "eval_interval", "checkpoint_interval", "val_tokens"),
-               non_negative=("learning_rate", "muon_lr", "weight_decay", "muon_weight_decay", "warmup_iters",
-                             "embedding_lr", "head_lr", "scalar_lr", "lr_ref_width", "adam_eps", "adam_weight_decay",
-                             "muon_momentum_warmup", "lr_decay_iters", "grad_clip", "grad_clip_late",
-                             "grad_clip_late_step", "hellaswag_interval", "hellaswag_limit", "sample_interval",
+                                 "max_iters", "log_interval", "eval_interval", "checkpoint_interval", "val_tokens",
+                                 "adam_eps"),
+               non_negative=("matrix_lr", "muon_weight_decay", "warmup_iters", "embedding_lr", "head_lr", "scalar_lr",
+                             "lr_ref_width", "adam_weight_decay", "muon_momentum_warmup", "lr_decay_iters", "grad_clip",
+                             "hellaswag_interval", "hellaswag_limit", "sample_interval",
                              "sample_tokens", "keep_last"),
                choices=dict(arch=ARCHS, optimizer=("muon", "adamw"), lr_schedule=("cosine", "wsd"),
                             loader_mode=("shuffle", "random", "sequential")),
                fractions=("min_lr_frac", "decay_frac"),
                non_empty=("out_dir", "data_dir"),
-               below_one=("beta1", "beta2", "adam_beta1", "adam_beta2", "muon_momentum"))
+               below_one=("adam_beta1", "adam_beta2", "muon_momentum"))
 if n_embd % n_head:
     raise UserError(f"n_embd={n_embd} is not divisible by n_head={n_head}; pick n_head among the divisors of n_embd")
 ddp, rank, world_size, device = init_distributed(device)
@@ -558,9 +585,10 @@ model.to(device)
 #   compiled   torch.compile's wrapper (CUDA): the fast forward for training and val loss
 #   model      compiled, wrapped in DDP under torchrun: the training forward, which all-reduces gradients
 raw_model = model
-optimizers = raw_model.configure_optimizers(config)  # the optimizer settings above
-if checkpoint is not None:  # one saved before per-group rates resumes in its own AdamW layout
-    optimizers = upgrade_optimizers(checkpoint, raw_model, optimizers)
+if checkpoint is None:
+    optimizers = raw_model.configure_optimizers(config)  # the optimizer settings above
+else:  # a resume takes this run's settings, the checkpoint's moments
+    optimizers = resume_optimizers(checkpoint, raw_model, config, f"{out_dir}/ckpt.pt")
 base_lrs = [[group["lr"] for group in opt.param_groups] for opt in optimizers]  # this run's peaks, scaled each step
 if compile and device_type == "cuda":
     model = torch.compile(model)
@@ -569,15 +597,8 @@ if ddp:
     model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device_type == "cuda" else None)
 
 step, best_val_loss, evaluated = 0, float("inf"), False  # evaluated: this step's evals are logged
-if checkpoint is not None:
-    # Resume: the optimizer moments, the loader's position and every RNG continue where the run stopped,
-    # so the resumed run takes bitwise the steps the uninterrupted one would have taken.
-    for opt, state in zip(optimizers, checkpoint["optimizers"], strict=True):
-        opt.load_state_dict(state)
-    loader.load_state_dict(checkpoint["loader"])
-    set_rng_states(checkpoint["rng"])
-    step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
-    evaluated = checkpoint["evals_done"]  # False when a signal stopped the run before they ran
+if checkpoint is not None:  # the loader's position and every RNG continue: bitwise the steps of an unbroken run
+    step, best_val_loss, evaluated = restore(checkpoint, loader)
     saved = checkpoint["config"]
     del checkpoint  # the weights now live in the model: free the copy
 
@@ -604,38 +625,19 @@ if hellaswag_note:
 if step >= max_iters:
     log.print(f"the run is already at max_iters={max_iters}: nothing to train; to go on, pass a larger --max_iters "
               "(set --lr_decay_iters to the final length from the start, so the schedule stays smooth)")
-if init_from == "resume":  # a changed rate or schedule setting moves the learning rates under a resumed run's feet
+log.print(f"peak rates: {group_rates(optimizers, base_lrs)}; each step x the schedule's factor (lr_factor)")
+if init_from == "resume":
+    log.print(resume_changes(saved, config, [k for k in config if k not in ("init_from", "out_dir")]) or
+              "resume: the settings are the checkpoint's")
     was, now = lr_factor(step, saved), lr_factor(step, config)
-    changed = changed_settings(saved, config, (*RATES, "lr_ref_width"))
     if not math.isclose(was, now):
-        changed += changed_settings(saved, config, ("max_iters", "warmup_iters", "lr_schedule", "lr_decay_iters",
-                                                    "min_lr_frac", "decay_frac"))
-    if changed:
-        log.print(f"warning: {', '.join(changed)} moves the learning rate at step {step} (the schedule's factor "
-                  f"{was:.3f} -> {now:.3f}); to lengthen a run smoothly, set lr_decay_iters to its final length "
-                  "from the start")
+        log.print(f"warning: the schedule's factor at step {step} jumps {was:.3f} -> {now:.3f}; to lengthen a run "
+                  "smoothly, set lr_decay_iters to its final length from the start")
+
 
 def mfu(tokens_per_sec):
     """Model FLOPs utilisation: achieved training FLOP/s over the GPU's peak (0 where the peak is unknown)."""
     return flops_per_token * tokens_per_sec / (peak_flops * world_size) if peak_flops else 0.0
-
-
-@torch.no_grad()
-def evaluate():
-    """Mean loss over the fixed val set (all ranks together); None when a stop signal cut it short."""
-    model.eval()
-    total = torch.zeros(2, device=device)
-    for x, y in val_data:
-        if stop_requested.signals and not ddp:  # a long val pass must not hold up Ctrl-C (DDP ranks must agree)
-            model.train()
-            return None
-        with autocast:
-            _, loss = compiled(x, y)  # not the DDP wrapper: no gradients, nothing to all-reduce
-        total += torch.stack([loss.float() * y.numel(), torch.tensor(float(y.numel()), device=device)])
-    if ddp:
-        dist.all_reduce(total)
-    model.train()
-    return (total[0] / total[1]).item()
 
 
 def write_checkpoint():
@@ -663,7 +665,7 @@ while True:
     # A resumed run starts with evaluated=True when its start step's evaluations are logged already.
     record = {}
     if not evaluated and (step % eval_interval == 0 or last_step):
-        val_loss = evaluate()
+        val_loss = evaluate(compiled, val_data, autocast, stop_requested, ddp, device)  # compiled: no DDP, no grads
         if val_loss is None:  # Ctrl-C cut the val pass short: checkpoint now; a resumed run evaluates this step
             log.print(f"step {step}: interrupted by signal during evaluation")
             break
@@ -688,51 +690,21 @@ while True:
     if step > start_step and step % checkpoint_interval == 0:
         write_checkpoint()
 
-    # One optimizer step over grad_accum micro-batches. Each micro-batch's loss is divided by
-    # grad_accum, so the summed gradients are those of the mean over one big batch.
-    lr_now = lr_factor(step, config)
-    for opt, lrs in zip(optimizers, base_lrs, strict=True):
-        for group, lr in zip(opt.param_groups, lrs, strict=True):
-            group["lr"] = lr * lr_now
-            if isinstance(opt, torch.optim.Muon):
-                group["momentum"] = muon_momentum_at(step, config)
-    for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
-    loss_sum = torch.zeros((), device=device)
-    for micro in range(grad_accum):
-        x, y = loader.next_batch()
-        # DDP all-reduces gradients on the last micro-step only; the others accumulate locally
-        sync = not ddp or micro == grad_accum - 1
-        with model.no_sync() if not sync else contextlib.nullcontext(), autocast:
-            _, loss = model(x, y)
-        (loss / grad_accum).backward()
-        loss_sum += loss.detach()
-    if ddp:
-        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-    clip = grad_clip_late if grad_clip_late_step and step >= grad_clip_late_step else grad_clip
-    norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), clip if clip > 0 else float("inf"))
-    for opt in optimizers:
-        opt.step()
+    set_rates(optimizers, base_lrs, lr_now := lr_factor(step, config), muon_momentum_at(step, config))
+    figures = train_step(model, raw_model, optimizers, loader.next_batch, grad_accum, grad_clip, autocast, ddp)
     step += 1
     evaluated = False
     tokens_since += total_batch_size
-
-    # The NaN guard: one host sync per step, so a diverged step (its loss, its gradients or the weights it
-    # left) stops the run before they are ever evaluated, sampled or saved.
-    loss_value, norm_value, weights_norm = torch.stack([loss_sum / grad_accum, norm, param_norm(raw_model)]).tolist()
-    if not all(map(math.isfinite, (loss_value, norm_value, weights_norm))):
-        log.print(f"step {step}: loss {loss_value}, grad norm {norm_value}, param norm {weights_norm}: stopping; "
-                  f"{last_good_checkpoint(out_dir)} (try a lower learning rate or grad_clip)")
-        sys.exit(1)
+    stop_if_diverged(figures, step, out_dir, log)  # before anything evaluates, samples or saves these weights
     if step % log_interval == 0 or step == max_iters:
         now = time.perf_counter()
         tps = tokens_since / (now - time_since)
-        rec = {"step": step, "loss": loss_value, "lr": base_lrs[-1][0] * lr_now,  # Muon's (muon), AdamW's (adamw)
-               "grad_norm": norm_value, "param_norm": weights_norm, "tokens_per_sec": tps, "mfu": mfu(tps),
+        rec = {"step": step, **figures, "lr_factor": lr_now, "tokens_per_sec": tps, "mfu": mfu(tps),
                "epoch": loader.epoch}
         eta = (now - run_start) / (step - start_step) * (max_iters - step)  # evals and checkpoints included
-        log.print(f"step {step}/{max_iters}: loss {loss_value:.4f}, lr {rec['lr']:.2e}, grad norm {norm_value:.3f}, "
-                  f"param norm {rec['param_norm']:.1f}, epoch {rec['epoch']:.3f}, {tps:,.0f} tok/s, "
+        log.print(f"step {step}/{max_iters}: loss {rec['loss']:.4f}, lr x{lr_now:.3f}, grad norm "
+                  f"{rec['grad_norm']:.3f}, param norm {rec['param_norm']:.1f}, head norm {rec['head_norm']:.1f}, "
+                  f"logit std {rec['logit_std']:.2f}, epoch {rec['epoch']:.3f}, {tps:,.0f} tok/s, "
                   f"{1000 * (now - time_since) / (step - logged_step):.0f} ms/step"
                   + (f", MFU {rec['mfu']:.1%}" if peak_flops else "")  # no peak known (CPU, MPS): no MFU
                   + f" | {duration(now - run_start)} elapsed, ETA {duration(eta)}")
@@ -744,6 +716,4 @@ while True:
 
 write_checkpoint()
 log.close()  # the final curves.png
-if ddp:
-    dist.barrier()  # gloo aborts a rank that leaves while another is still writing the checkpoint
-    dist.destroy_process_group()
+finish(ddp)

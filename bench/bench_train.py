@@ -8,13 +8,15 @@ Fixed random tokens (no data I/O, nothing written); the median step time, tokens
     python bench/bench_train.py configs/smoke.toml --device=cpu --steps=2   # seconds on a CPU
     python bench/bench_train.py --sdpa_backend=cudnn --bf16_residual=True --memory_batch_sizes=16,64
 
-  fast   train_gpt.py's step: Muon + AdamW (configure_optimizers), torch.compile and bf16 autocast on CUDA,
-         grad accumulation to total_batch_size, grad clipping, one host sync for the NaN guard
+  fast   train_gpt.py's step, the very function its loop calls (train_step, in its training step section, run
+         alone by bench/stage_code.py) at the rates set_rates gives: Muon + AdamW, torch.compile and bf16
+         autocast on CUDA, grad accumulation to total_batch_size, clipping, and the NaN guard's one host sync
   nanogpt  nanoGPT's recipe as nanoGPT runs it: AdamW alone (fused on CUDA), torch.compile and bf16 autocast
-           on CUDA; the same model, micro-batch and accumulation. The ratio is the optimizer's and the loop's.
+           on CUDA, the same model, micro-batch and accumulation, and its loop: no host sync but at log steps.
+           The ratio is the optimizer's and the loop's.
 
-The model is train_gpt.py's own: its model section, run alone (bench/stage_code.py). The settings are
-train_gpt.py's (its settings block: configs/*.toml and its flags mean the same here), then the bench's.
+The model is train_gpt.py's own model section. The settings are train_gpt.py's (its settings block:
+configs/*.toml and its flags mean the same here), then the bench's.
 """
 
 import statistics
@@ -23,12 +25,13 @@ import time
 from types import SimpleNamespace
 
 import torch
-from stage_code import median_ms, model_namespace, script_settings  # bench/: puts the repo root on sys.path
+from stage_code import median_ms, script_settings, step_namespace  # bench/: puts the repo root on sys.path
 
 from data import UserError, one_line_errors
 from data.run import gpu_peak_flops, pick_autocast, pick_device
 from data.settings import check_settings, parse_config
 from data.tokenizer import VOCAB_SIZE
+from data.train import set_rates
 
 one_line_errors()
 
@@ -49,7 +52,8 @@ config = parse_config({**script_settings("train_gpt.py"), **BENCH}, sys.argv[1:]
 globals().update({k: config[k] for k in BENCH})
 t = SimpleNamespace(**config)
 
-ARCHS = model_namespace("train_gpt.py")["ARCHS"]
+ns = step_namespace("train_gpt.py")
+ARCHS = ns["ARCHS"]
 check_settings(config, positive=("n_layer", "n_head", "n_embd", "block_size", "batch_size", "total_batch_size",
                                  "steps"), non_negative=("warmup_steps",),
                choices=dict(arch=ARCHS, sdpa_backend=("auto", "flash", "cudnn", "efficient", "math")))
@@ -84,8 +88,7 @@ if cuda:
         import torch._inductor.config
 
         torch._inductor.config.coordinate_descent_tuning = True
-ns = model_namespace("train_gpt.py")
-GPT, GPTConfig = ns["GPT"], ns["GPTConfig"]
+GPT, GPTConfig, train_step = ns["GPT"], ns["GPTConfig"], ns["train_step"]
 model_config = GPTConfig.from_settings(config)
 generator = torch.Generator().manual_seed(t.seed)
 x = torch.randint(0, VOCAB_SIZE, (t.batch_size, t.block_size), generator=generator).to(device)
@@ -112,26 +115,29 @@ def build(loop):
 
 
 def micro_step(model, batch=x, targets=y):
+    """One micro-batch's forward and backward, for the phase and memory figures."""
     with autocast:
         _, loss = model(batch, targets)
     (loss / grad_accum).backward()
-    return loss.detach()
 
 
-def train_step(model, raw, optimizers, lrs):
-    """train_gpt.py's loop body, the batches aside: returns the loss and grad norm read on the host."""
-    for opt, base in zip(optimizers, lrs, strict=True):
-        for group, lr in zip(opt.param_groups, base, strict=True):
-            group["lr"] = lr  # the schedule's factor at its peak: the cost is the same at every step
-    for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
-    loss_sum = torch.zeros((), device=device)
+def nanogpt_step(model, raw, optimizers, lrs):
+    """nanoGPT's train.py loop body: forward and backward per micro-batch, clip, step; it reads the loss on
+    the host at log steps only."""
+    (opt,) = optimizers
+    for group, lr in zip(opt.param_groups, lrs[0], strict=True):
+        group["lr"] = lr
     for _ in range(grad_accum):
-        loss_sum += micro_step(model)
-    norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
-    for opt in optimizers:
-        opt.step()
-    return (loss_sum / grad_accum).item(), norm.item()  # the NaN guard's host sync, as in train_gpt.py
+        micro_step(model)
+    torch.nn.utils.clip_grad_norm_(raw.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def fast_step(model, raw, optimizers, lrs):
+    """train_gpt.py's step, as its loop calls it (the rates at their peaks: the cost is the same at every step)."""
+    set_rates(optimizers, lrs, 1.0, t.muon_momentum)
+    return train_step(model, raw, optimizers, lambda: (x, y), grad_accum, t.grad_clip, autocast)
 
 
 def report_phases(model, raw, optimizers):
@@ -161,15 +167,16 @@ def bench(loop):
     lrs = [[group["lr"] for group in opt.param_groups] for opt in optimizers]
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    step = fast_step if loop == "fast" else nanogpt_step
     t0 = time.perf_counter()
     for _ in range(warmup_steps):
-        train_step(model, raw, optimizers, lrs)
+        step(model, raw, optimizers, lrs)
     warmup = time.perf_counter() - t0
     times = []
     for _ in range(steps):
         sync()
         t0 = time.perf_counter()
-        loss, norm = train_step(model, raw, optimizers, lrs)
+        figures = step(model, raw, optimizers, lrs)
         sync()
         times.append(time.perf_counter() - t0)
     dt = statistics.median(times)
@@ -181,7 +188,8 @@ def bench(loop):
         (", compiled" if model is not raw else "")
     print(f"{loop:7s} ({what}): median step {dt * 1000:,.1f} ms (min {min(times) * 1000:,.1f}, max "
           f"{max(times) * 1000:,.1f}) over {steps} steps, {tps:,.0f} tokens/s, {mfu}{memory}; warm-up (the compile) "
-          f"{warmup:.1f} s; loss {loss:.3f}, grad norm {norm:.2f}", flush=True)
+          f"{warmup:.1f} s" + (f"; loss {figures['loss']:.3f}, grad norm {figures['grad_norm']:.2f}" if figures
+                               else ""), flush=True)
     if loop == "fast" and phases and cuda:
         report_phases(model, raw, optimizers)
     if loop == "fast" and sizes and cuda:

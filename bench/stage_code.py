@@ -1,7 +1,9 @@
 """The code the benchmarks time is the stage scripts' own: their model section (the text between the
-model markers, the same in every stage script) and train_gpt.py's settings block, each run on its own,
-without the script's setup or loop. Nothing else is imported from the scripts, so nothing runs."""
+model markers, the same in every stage script), train_gpt.py's training step section and its settings
+block, each run on its own, without the script's setup or loop. Nothing else is imported from the
+scripts, so nothing runs."""
 
+import contextlib
 import math
 import statistics
 import sys
@@ -13,14 +15,17 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # data/ imports from the repo root, wherever the bench is started
 
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from data import UserError  # noqa: E402
 from data.sync_model import MODEL_BEGIN, MODEL_END, RULE  # noqa: E402
 from data.tokenizer import VOCAB_SIZE  # noqa: E402
+from data.train import read_figures  # noqa: E402
 
 SETTINGS_BEGIN, SETTINGS_END = f"{RULE} settings\n", "\nconfig = parse_settings("
+STEP_BEGIN, STEP_END = f"{RULE} training step\n", f"{RULE} setup\n"
 
 
 def _between(script, begin, end):
@@ -38,6 +43,15 @@ def model_namespace(script="train_gpt.py"):
     namespace = dict(__name__=f"model_of_{Path(script).stem}", math=math, dataclass=dataclass, torch=torch, nn=nn,
                      F=F, UserError=UserError, VOCAB_SIZE=VOCAB_SIZE)
     exec(compile(_between(script, MODEL_BEGIN, MODEL_END), str(REPO_ROOT / script), "exec"), namespace)
+    return namespace
+
+
+def step_namespace(script="train_gpt.py"):
+    """A training script's model and training step sections, run alone: the model's names, lr_factor and the
+    train_step the script's loop calls."""
+    namespace = model_namespace(script)
+    namespace.update(contextlib=contextlib, dist=dist, read_figures=read_figures)
+    exec(compile(_between(script, STEP_BEGIN, STEP_END), str(REPO_ROOT / script), "exec"), namespace)
     return namespace
 
 

@@ -13,8 +13,8 @@ A checkpoint is a dict of plain tensors and types, loadable with torch.load(weig
     loader         the train loader's state_dict (one counter plus what must match on resume)
     rng            python, numpy, torch and cuda RNG states (rng_states below)
 
-A checkpoint written by an older version resumes as it would have run there: upgrade_settings and
-upgrade_optimizers restate its settings and optimizer states in today's terms.
+A checkpoint written by an older version resumes as it would have run there: upgrade_settings restates
+its settings in today's terms (data/train.py resume_optimizers its optimizer layout).
 """
 
 import os
@@ -109,14 +109,14 @@ def load_checkpoint(path, device="cpu"):
                                                for k, v in config.items()):
         raise UserError(f"{path}: its model_config is missing or damaged; it cannot rebuild a model")
     if isinstance(ckpt.get("config"), dict):
-        ckpt["config"] = upgrade_settings(ckpt["config"])
+        ckpt["config"] = upgrade_settings(ckpt["config"], config)
     return ckpt
 
 
 # The settings that make a training recipe: finetune_sft.py takes them from its base checkpoint, scaling RATES.
-RATES = ("learning_rate", "muon_lr", "embedding_lr", "head_lr", "scalar_lr")
-OPTIMIZER_SETTINGS = (*RATES, "optimizer", "weight_decay", "beta1", "beta2", "muon_momentum", "muon_momentum_warmup",
-                      "muon_weight_decay", "lr_ref_width", "adam_beta1", "adam_beta2", "adam_eps", "adam_weight_decay")
+RATES = ("matrix_lr", "embedding_lr", "head_lr", "scalar_lr")
+OPTIMIZER_SETTINGS = (*RATES, "optimizer", "lr_ref_width", "muon_momentum", "muon_momentum_warmup", "muon_weight_decay",
+                      "adam_beta1", "adam_beta2", "adam_eps", "adam_weight_decay")
 
 
 def last_good_checkpoint(out_dir):
@@ -125,36 +125,44 @@ def last_good_checkpoint(out_dir):
     return f"the last good checkpoint is {path}" if path.is_file() else "no checkpoint was written before it"
 
 
-def upgrade_settings(saved):
-    """A checkpoint's settings with the settings added since it was written, set as its run behaved.
-    Before per-group learning rates (commit aa02ff6 and earlier), muon mode's AdamW ran every parameter
-    outside the block matrices at learning_rate, betas (beta1, beta2), eps 1e-8, weight_decay on the
-    embeddings and head, at every width, and Muon's momentum had no warmup; finetune_sft.py's rates were
-    its own (lr_scale 1)."""
-    if "learning_rate" in saved and "embedding_lr" not in saved:
+def upgrade_settings(saved, model_config):
+    """A checkpoint's settings restated in today's names, with the values that make its run continue as it
+    ran. Two layouts came before today's:
+
+    1. Before per-group rates, muon mode's AdamW ran every parameter outside the block matrices at
+       learning_rate, betas (beta1, beta2), eps 1e-8 and weight_decay, at every width; Muon's momentum had
+       no warmup, and finetune_sft.py's rates were its own (lr_scale 1).
+    2. Then per-group rates (muon_lr for Muon) with nanochat's width rule: the token embedding (gpt2's tied
+       head too) at embedding_lr and an untied head at head_lr, both x sqrt(lr_ref_width / n_embd);
+       optimizer="adamw" took learning_rate, beta1, beta2 and weight_decay for every parameter.
+
+    Today the tied matrix is a head and takes head_lr, the width rule is muP's (head x lr_ref_width / n_embd,
+    the embedding unscaled), Muon's rate is matrix_lr, both optimizers share the adam_* settings, and
+    finetune_sft.py counts its step in examples (total_batch_size) where it counted micro-batches.
+    model_config (the checkpoint's) gives the width and whether the head is tied."""
+    saved = dict(saved)
+    if "learning_rate" in saved and "embedding_lr" not in saved:  # 1 -> 2
         lr = saved["learning_rate"]
         saved = {**saved, "embedding_lr": lr, "head_lr": lr, "scalar_lr": lr, "lr_ref_width": 0,
                  "adam_beta1": saved["beta1"], "adam_beta2": saved["beta2"], "adam_eps": 1e-8,
                  "adam_weight_decay": saved["weight_decay"], "muon_momentum_warmup": 0, "lr_scale": 1.0}
+    if "muon_lr" in saved:  # 2 -> today
+        old = {k: saved.pop(k) for k in ("muon_lr", "learning_rate", "beta1", "beta2", "weight_decay",
+                                         "grad_clip_late", "grad_clip_late_step") if k in saved}
+        if saved.get("optimizer") == "adamw":
+            lr = old["learning_rate"]
+            saved.update(matrix_lr=lr, embedding_lr=lr, head_lr=lr, scalar_lr=lr, lr_ref_width=0,
+                         adam_beta1=old["beta1"], adam_beta2=old["beta2"], adam_eps=1e-8,
+                         adam_weight_decay=old["weight_decay"])
+        else:
+            width, ref = model_config["n_embd"], saved["lr_ref_width"]
+            was = (ref / width) ** 0.5 if ref else 1.0  # what rule 2 multiplied both rates by
+            head = saved["embedding_lr"] if model_config.get("arch", "gpt2") == "gpt2" else saved["head_lr"]
+            saved.update(matrix_lr=old["muon_lr"], embedding_lr=saved["embedding_lr"] * was,
+                         head_lr=head * was * (width / ref if ref else 1.0))
+    if "gradient_accumulation_steps" in saved:  # finetune_sft.py counted its step in micro-batches of batch_size
+        saved["total_batch_size"] = saved.pop("gradient_accumulation_steps") * saved["batch_size"]
     return saved
-
-
-def upgrade_optimizers(ckpt, model, optimizers):
-    """The optimizers that resume ckpt: `optimizers` (configure_optimizers' for the upgraded settings), unless
-    the checkpoint predates per-group rates. Its AdamW then held two groups, the 2-D parameters outside the
-    blocks and the 1-D ones, all at learning_rate: that AdamW is rebuilt in that layout, so the saved moments
-    and group settings (betas, eps, weight decay) load as they were."""
-    saved = ckpt["optimizers"][0]["param_groups"]
-    sizes = [len(g["params"]) for g in saved]
-    if len(optimizers) != 2 or sizes == [len(g["params"]) for g in optimizers[0].param_groups]:
-        return optimizers
-    outside = [p for n, p in model.named_parameters() if not (n.startswith("transformer.h.") and p.dim() == 2)]
-    layout = [[p for p in outside if p.dim() >= 2], [p for p in outside if p.dim() < 2]]
-    if [len(ps) for ps in layout] != sizes:
-        raise UserError("the checkpoint's AdamW groups fit neither today's layout nor the one before per-group rates")
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": ps, "lr": ckpt["config"]["learning_rate"]}
-              for g, ps in zip(saved, layout, strict=True)]
-    return [torch.optim.AdamW(groups), optimizers[1]]
 
 
 def check_resumable(ckpt, path):

@@ -1,7 +1,8 @@
 """
-A run's curves as a picture: train and val loss, HellaSwag, learning rate, tokens/s, grad and param
-norm, read from metrics.jsonl. The training scripts redraw out_dir/curves.png at each eval and at the
-end (data/run.py RunLog); several runs on one figure compare them, one colour per run:
+A run's curves as a picture: train and val loss, HellaSwag, the learning-rate factor, tokens/s, the grad
+norm, the weights' and the head's norm and the logits' spread, read from metrics.jsonl. The training scripts
+redraw out_dir/curves.png at each eval and at the end (data/run.py RunLog); several runs on one figure compare
+them, one colour per run:
 
     python data/curves.py logs/smoke                                    # logs/smoke/curves.png
     python data/curves.py logs/muon logs/adamw --out=muon_vs_adamw.png  # overlaid
@@ -27,10 +28,11 @@ from data import ArgumentParser, UserError, one_line_errors  # noqa: E402
 PANELS = [
     ("loss", [("loss", "train"), ("val_loss", "val")], True),
     ("HellaSwag acc_norm", [("hellaswag", "")], False),
-    ("learning rate", [("lr", "")], False),
+    ("learning rate (x each group's peak)", [("lr_factor", ""), ("lr", "rate (older runs)")], False),
     ("tokens/s", [("tokens_per_sec", "")], False),
     ("grad norm (before clipping)", [("grad_norm", "")], True),
-    ("param norm", [("param_norm", "")], False),
+    ("weight norms", [("param_norm", "all"), ("head_norm", "head")], False),
+    ("logit std (rises before a loss spike)", [("logit_std", "")], False),
 ]
 
 

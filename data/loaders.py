@@ -282,6 +282,11 @@ class ExampleLoader:
     def __init__(self, data_dir, split, batch_size, block_size, seed=0, rank=0, world_size=1, device="cpu"):
         self.tokens, self.offsets = read_examples(data_dir, split)
         self.n = len(self.offsets) - 1
+        # which examples keep a reply token within their first T + 1 (each starts with <|endoftext|>, a special
+        # token, so reply_mask over the whole split is each example's own)
+        scored = np.concatenate([[0], np.cumsum(reply_mask(self.tokens), dtype=np.int64)])
+        ends = np.minimum(self.offsets[1:], self.offsets[:-1] + block_size + 1)
+        self.has_loss = scored[ends] - scored[self.offsets[:-1] + 1] > 0
         self.B, self.T, self.seed = batch_size, block_size, seed
         self.rank, self.world_size, self.device = rank, world_size, device
         self.position = 0  # micro-batches handed out so far, all ranks together

@@ -135,11 +135,10 @@ def parse_settings(namespace, argv, positional=None):
     config = parse_config(defaults, argv, positional)
     if config.get("init_from") == "resume" and "out_dir" in config:
         try:  # mmap: only the small settings dict is read, not the weights
-            saved = torch.load(Path(config["out_dir"]) / "ckpt.pt", map_location="cpu", weights_only=True,
-                               mmap=True)["config"]
+            ckpt = torch.load(Path(config["out_dir"]) / "ckpt.pt", map_location="cpu", weights_only=True, mmap=True)
+            saved = upgrade_settings(ckpt["config"], ckpt["model_config"])
         except Exception:  # no or damaged checkpoint: loading it later says so in one line
             saved = {}
-        saved = upgrade_settings(saved)
         kept = {k: v for k, v in saved.items() if k in defaults and type(v) is type(defaults[k])}
         config = parse_config({**defaults, **kept}, argv, positional)
     return config

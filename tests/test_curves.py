@@ -27,7 +27,7 @@ def fake_run(run_dir, steps=60, seed=0.0):
             lines.append({"step": step, "val_loss": 10.0 - step / 10 + seed, **({"hellaswag": 0.25 + step / 1000}
                                                                                if step else {})})
         if step:
-            lines.append({"step": step, "loss": 10.0 - step / 10 + seed, "lr": 1e-3, "grad_norm": 1.0 + step % 3,
+            lines.append({"step": step, "loss": 10.0 - step / 10 + seed, "lr_factor": 1.0, "grad_norm": 1.0 + step % 3,
                           "param_norm": 40.0 + step, "tokens_per_sec": 1000.0, "mfu": 0.0})
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 61, "lo')
     return run_dir
@@ -91,7 +91,7 @@ def test_training_logs_progress_and_leaves_curves(smoke_run, tmp_path, capsys):
     """The shared smoke run, then fine-tuning it for 2 steps: each run dir holds its curves.png, and the
     log lines say ms/step, elapsed time and ETA, and no MFU on a CPU (no peak FLOP/s known)."""
     run_script("finetune_sft.py", "configs/sft_smoke.toml", "--device=cpu", "--max_iters=2", "--eval_interval=2",
-               "--sample_interval=0", "--log_interval=1", "--batch_size=2", "--gradient_accumulation_steps=1",
+               "--sample_interval=0", "--log_interval=1", "--batch_size=2", "--total_batch_size=2",
                "--val_examples=8", f"--init_from={smoke_run}", f"--out_dir={tmp_path / 'sft'}")
     printed = capsys.readouterr().out
     for run_dir, log, steps in ((smoke_run, (smoke_run / "log.txt").read_text(), 6), (tmp_path / "sft", printed, 2)):
@@ -108,11 +108,12 @@ def test_panels_are_the_measured_metrics_with_honest_axes(tmp_path):
 
     run = tmp_path / "run"
     run.mkdir()
-    records = [{"step": 0, "val_loss": 10.8}] + [{"step": s, "loss": 6 - s / 100, "lr": 1e-3} for s in range(1, 101)]
+    records = [{"step": 0, "val_loss": 10.8}] + [{"step": s, "loss": 6 - s / 100, "lr_factor": 1.0}
+                                                 for s in range(1, 101)]
     records += [{"step": 100, "val_loss": 5.1, "hellaswag": 0.26}, {"step": 50, "hellaswag": 0.25}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     axes = {ax.get_title(): ax for ax in curves_figure([run]).axes if ax.get_visible()}
-    assert set(axes) == {"loss", "HellaSwag acc_norm", "learning rate"}  # nothing "not measured"
+    assert set(axes) == {"loss", "HellaSwag acc_norm", "learning rate (x each group's peak)"}  # nothing "not measured"
     low, high = axes["loss"].get_ylim()
     assert low < 5.1 and high > 10.8  # the step-0 val point is inside the axis
     low, high = axes["HellaSwag acc_norm"].get_ylim()

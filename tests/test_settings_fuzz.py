@@ -87,7 +87,7 @@ def test_prep_settings(prep):
 # on a CPU). Each run must work, or stop with a one-line refusal that leaves no out_dir, or (a learning
 # rate that explodes) be stopped by the NaN guard.
 SIZES = {"max_iters", "n_layer", "n_head", "n_embd", "block_size", "batch_size", "total_batch_size", "val_tokens",
-         "val_examples", "gradient_accumulation_steps", "sample_tokens", "hellaswag_limit", "max_new_tokens",
+         "val_examples", "sample_tokens", "hellaswag_limit", "max_new_tokens",
          "num_samples", "limit"}
 PINNED = {"out_dir", "init_from", "ckpt", "out", "download_only", "interactive", "compile"}
 

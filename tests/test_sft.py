@@ -14,7 +14,16 @@ import types
 import numpy as np
 import pytest
 import torch
-from helpers import RASCHKA, load_model_namespace, make_checkpoint, metrics, run_script, train_records, wait_for_steps
+from helpers import (
+    RASCHKA,
+    SAMPLE_SFT,
+    load_model_namespace,
+    make_checkpoint,
+    metrics,
+    run_script,
+    train_records,
+    wait_for_steps,
+)
 from helpers import REPO_ROOT as ROOT
 
 from data import UserError
@@ -359,15 +368,15 @@ def raschka_mix(tmp_path_factory):
 
 
 def test_fine_tune_takes_the_base_runs_recipe_with_its_rates_times_lr_scale(raschka_mix, tmp_path):
-    recipe = dict(optimizer="muon", muon_lr=0.03, embedding_lr=0.2, head_lr=0.006, scalar_lr=0.02, lr_ref_width=256,
+    recipe = dict(optimizer="muon", matrix_lr=0.03, embedding_lr=0.2, head_lr=0.006, scalar_lr=0.02, lr_ref_width=256,
                   adam_beta1=0.7, adam_eps=1e-9, muon_momentum=0.9)
-    make_checkpoint(tmp_path / "base" / "ckpt.pt", settings=recipe)  # 64 wide: the width rule doubles two rates
+    make_checkpoint(tmp_path / "base" / "ckpt.pt", settings=recipe)  # 64 wide: the width rule x4 on the head
     out = tmp_path / "sft"
     ns = run_script("finetune_sft.py", "configs/sft_smoke.toml", f"--init_from={tmp_path / 'base'}",
                     f"--data_dir={raschka_mix}", f"--out_dir={out}", "--device=cpu", "--max_iters=1",
                     "--lr_scale=0.5", "--sample_interval=0", "--eval_interval=1000")
     adam_lrs, muon_lrs = ns["base_lrs"]
-    assert adam_lrs == pytest.approx([0.2, 0.01]) and muon_lrs == [0.015]  # x 0.5, and x 2 for the width
+    assert adam_lrs == pytest.approx([0.012, 0.01]) and muon_lrs == [0.015]  # x 0.5; the tied head x 256 / 64
     adamw, muon = ns["optimizers"]
     assert adamw.defaults["betas"][0] == 0.7 and adamw.defaults["eps"] == 1e-9 and muon.defaults["momentum"] == 0.9
     saved = json.loads((out / "config.json").read_text())
@@ -381,7 +390,7 @@ def test_cli_fine_tune_learns_replies_that_greedy_sampling_reproduces(base, tmp_
                             f"--out_dir={tmp_path / 'cli'}", "--val_fraction=0.1"], cwd=ROOT, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, env=ENV)
     (_, printed, _), _ = finish(cli, start(base, data, out, "--max_iters=30", "--batch_size=5",
-                                           "--gradient_accumulation_steps=1", "--lr_scale=1",
+                                           "--total_batch_size=5", "--lr_scale=1",
                                            "--sample_interval=30"))
     assert "6 rows -> 6 kept (none dropped); weight 1 -> 5 train, 1 val" in printed
     for name in ("train_000000.bin", "train_offsets.npy", "val_000000.bin", "val_offsets.npy"):
@@ -449,7 +458,7 @@ def test_a_nan_after_resume_keeps_the_good_checkpoint(raschka_mix, full_and_shor
 
 
 def test_two_rank_ddp_matches_one_rank_with_the_same_micro_batches(base, raschka_mix, tmp_path):
-    args = ("--max_iters=1", "--batch_size=4", "--gradient_accumulation_steps=2", "--val_examples=8")
+    args = ("--max_iters=1", "--batch_size=4", "--total_batch_size=8", "--val_examples=8")
     ddp = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                             *finetune_cmd(base, raschka_mix, tmp_path / "two", *args)[1:]], cwd=ROOT,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
@@ -460,23 +469,33 @@ def test_two_rank_ddp_matches_one_rank_with_the_same_micro_batches(base, raschka
     assert val[0] == pytest.approx(val[1], rel=1e-6)
 
 
-def test_replies_cut_off_by_block_size_give_zero_loss_and_sigterm_checkpoints(base, tmp_path):
+def test_replies_cut_off_by_block_size_are_counted_or_refused_and_sigterm_checkpoints(base, tmp_path):
     data, out = tmp_path / "data", tmp_path / "sft"
     mix(mix_args(data, "--sources=raschka", "--raschka", write_pairs(tmp_path / "pairs.json")))
-    # block_size=4: <|endoftext|><|user|> and 3 prompt tokens; every reply is cut off
-    proc = subprocess.Popen(finetune_cmd(base, data, out, "--block_size=4", "--max_iters=10000", "--log_interval=1"),
+    # block_size=4: <|endoftext|><|user|> and 3 prompt tokens; every reply is cut off, so nothing would be learned
+    with pytest.raises(UserError, match=r"block_size=4: none of the 5 train examples keeps a reply token") as e:
+        run_script(*finetune_cmd(base, data, out, "--block_size=4")[1:])
+    assert "\n" not in str(e.value) and not out.exists()
+    # block_size=10: two train replies start past the cut; the run says so, and trains on the other three
+    proc = subprocess.Popen(finetune_cmd(base, data, out, "--block_size=10", "--max_iters=10000", "--log_interval=1"),
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
     wait_for_steps(out, 2)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    log = (out / "log.txt").read_text()
+    assert "warning: 2 of 5 train and 0 of 1 val examples carry no loss: their replies start past block_size + 1 = " \
+        "11 tokens" in log and "interrupted by signal" in log
     records = train_records(out)
-    assert len(records) >= 2 and all(loss == 0.0 and norm == 0.0 for _, loss, norm, _ in records)
-    assert all(r["val_loss"] == 0.0 for r in metrics(out) if "val_loss" in r)
-    assert "interrupted by signal" in (out / "log.txt").read_text()
     ckpt = load_checkpoint(out, "cpu")
-    assert ckpt["step"] == records[-1][0] and ckpt["chat"] is True
-    start = torch.load(base / "ckpt.pt", weights_only=True)["model"]
-    assert all(torch.equal(start[k], ckpt["model"][k]) for k in start)  # no loss, no gradient, no change
+    assert len(records) >= 2 and ckpt["step"] == records[-1][0] and ckpt["chat"] is True
+
+
+def test_the_examples_that_carry_no_loss_are_those_whose_batch_has_no_target():
+    for block_size in (8, 16, 64):
+        loader = ExampleLoader(SAMPLE_SFT, "train", 4, block_size)
+        for i in range(0, loader.n, 7):
+            _, y = loader.batch([i])
+            assert bool((y != -1).any()) == bool(loader.has_loss[i]), (block_size, i)
 
 
 def test_bad_inputs_are_one_line_errors(base, raschka_mix, tmp_path, monkeypatch):
@@ -497,7 +516,7 @@ def test_bad_inputs_are_one_line_errors(base, raschka_mix, tmp_path, monkeypatch
         (("", raschka_mix, tmp_path / "d"), "no base model: pass --init_from=PATH"),
         ((base, raschka_mix, base), "whose checkpoints this run overwrites"),
         ((base, tmp_path / "no_data", tmp_path / "e"), f"python data/sft_mix.py --out_dir {tmp_path / 'no_data'}"),
-        ((base, raschka_mix, tmp_path / "f", "--gradient_accumulation_steps=x"), "must be int"),
+        ((base, raschka_mix, tmp_path / "f", "--total_batch_size=x"), "must be int"),
     ]:
         with pytest.raises(UserError) as e:
             run_script(*finetune_cmd(*args)[1:])

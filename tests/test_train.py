@@ -31,8 +31,10 @@ from helpers import (
 )
 
 from data import UserError
+from data.checkpoint import upgrade_settings
 from data.fineweb_edu import main as prep
 from data.run import StopRequest, gpu_peak_flops, lock_run_dir
+from data.settings import parse_config
 
 NS = load_model_namespace(ROOT / "train_gpt.py")
 GPT, GPTConfig = NS["GPT"], NS["GPTConfig"]
@@ -82,8 +84,9 @@ def test_every_parameter_receives_a_gradient(arch):
 def test_overfits_one_batch(arch, optimizer):
     model = tiny_model(arch, vocab_size=512)
     x = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(1))
-    opts = model.configure_optimizers({**SETTINGS, "optimizer": optimizer, "learning_rate": 1e-2, "muon_lr": 0.05,
-                                       "embedding_lr": 1e-2, "head_lr": 1e-2, "scalar_lr": 1e-2, "lr_ref_width": 0})
+    opts = model.configure_optimizers({**SETTINGS, "optimizer": optimizer, "matrix_lr": 0.05 if optimizer == "muon"
+                                       else 1e-2, "embedding_lr": 1e-2, "head_lr": 1e-2, "scalar_lr": 1e-2,
+                                       "lr_ref_width": 0})
     for _ in range(40):
         _, loss = model(x[:, :-1], x[:, 1:])
         loss.backward()
@@ -132,7 +135,7 @@ def test_ignored_targets_give_zero_loss_not_nan():
 def test_muon_takes_the_block_matrices_and_adamw_the_rest_in_groups_at_their_own_rates(arch):
     model = tiny_model(arch)  # n_embd 32
     named = dict(model.named_parameters())
-    settings = {**SETTINGS, "optimizer": "muon", "muon_lr": 0.03, "embedding_lr": 0.2, "head_lr": 0.005,
+    settings = {**SETTINGS, "optimizer": "muon", "matrix_lr": 0.03, "embedding_lr": 0.2, "head_lr": 0.005,
                 "scalar_lr": 0.04, "lr_ref_width": 128, "adam_weight_decay": 0.01}
     adamw, muon = model.configure_optimizers(settings)
     assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
@@ -141,27 +144,31 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest_in_groups_at_their_own
     assert all(n.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) for n in block_matrices)
     assert muon.param_groups[0]["lr"] == 0.03
     names = lambda group: {n for n, p in named.items() if any(p is q for q in group["params"])}  # noqa: E731
-    width = (128 / 32) ** 0.5  # the width rule: rates tuned at lr_ref_width, this model is 32 wide
+    width = 128 / 32  # muP's rule: head_lr is set at lr_ref_width, this model is 32 wide; the embedding's is not scaled
     token, rest, *head = adamw.param_groups
     assert names(token) == {"transformer.wte.weight"}  # gpt2's is the tied head too
     assert names(rest) == {n for n, p in named.items() if p.dim() == 1} | ({"transformer.wpe.weight"} if arch == "gpt2"
                                                                            else set())
     assert [names(g) for g in head] == ([] if arch == "gpt2" else [{"lm_head.weight"}])
-    lrs = [0.2 * width, 0.04] + ([] if arch == "gpt2" else [0.005 * width])
+    lrs = [0.005 * width, 0.04] if arch == "gpt2" else [0.2, 0.04, 0.005 * width]  # a tied matrix is a head
     assert [g["lr"] for g in adamw.param_groups] == pytest.approx(lrs)
     assert [g["weight_decay"] for g in adamw.param_groups] == [0.01, 0.0] + ([] if arch == "gpt2" else [0.01])
+    assert [g["name"] for g in adamw.param_groups] == (["embedding+head", "rest"] if arch == "gpt2" else
+                                                       ["embedding", "rest", "head"])
     assert adamw.defaults["betas"] == (SETTINGS["adam_beta1"], SETTINGS["adam_beta2"])
     assert adamw.defaults["eps"] == SETTINGS["adam_eps"]
     unscaled, _ = model.configure_optimizers({**settings, "lr_ref_width": 0})
-    assert [g["lr"] for g in unscaled.param_groups] == [0.2, 0.04] + ([] if arch == "gpt2" else [0.005])
+    assert [g["lr"] for g in unscaled.param_groups] == ([0.005, 0.04] if arch == "gpt2" else [0.2, 0.04, 0.005])
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_adamw_mode_is_nanogpts_recipe(arch):
-    """optimizer="adamw" takes nanoGPT's train.py step, whatever the muon-mode settings say."""
+    """configs/recipe_nanogpt.toml takes nanoGPT's train.py step, bitwise, whatever Muon's settings say."""
     model, reference = tiny_model(arch), tiny_model(arch)
-    (ours,) = model.configure_optimizers({**SETTINGS, "optimizer": "adamw", "learning_rate": 1e-3,
-                                          "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95})
+    recipe = parse_config(SETTINGS, ["configs/recipe_nanogpt.toml", *(f"--{k}=1e-3" for k in
+                                                                      ("matrix_lr", "embedding_lr", "head_lr",
+                                                                       "scalar_lr"))])
+    (ours,) = model.configure_optimizers({**recipe, "muon_momentum": 0.5, "muon_weight_decay": 0.3})
     params = list(reference.parameters())  # nanoGPT's configure_optimizers: decay every >= 2-D tensor
     theirs = torch.optim.AdamW([dict(params=[p for p in params if p.dim() >= 2], weight_decay=0.1),
                                 dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)],
@@ -195,7 +202,8 @@ def test_smoke_run_logs_each_step_and_evaluates_at_its_intervals(smoke_run):
     records = metrics(smoke_run)
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
-    assert set(steps[0]) >= {"loss", "lr", "grad_norm", "param_norm", "tokens_per_sec", "epoch"}
+    assert set(steps[0]) >= {"loss", "lr_factor", "grad_norm", "param_norm", "head_norm", "logit_std",
+                             "tokens_per_sec", "epoch"}
     assert steps[-1]["loss"] < steps[0]["loss"]
     assert [r["step"] for r in records if "val_loss" in r] == [0, 3, 6]
     assert [r["step"] for r in records if 0 <= r.get("hellaswag", -1) <= 1] == [3, 6]
@@ -247,6 +255,51 @@ def test_a_checkpoint_from_before_per_group_rates_resumes_at_the_rates_it_was_tr
     assert [r[0] for r in resumed] == [3, 4]
     for got, want in zip(resumed, recorded, strict=True):  # approx compares flat sequences only
         assert got == pytest.approx(want, rel=1e-5, abs=0)
+
+
+def test_a_checkpoint_from_before_mups_rule_resumes_at_the_rates_it_was_trained_with(tmp_path):
+    """tests/fixtures/run_before_mup_rule: a step-2 checkpoint from the code whose tied matrix took embedding_lr
+    x sqrt(768 / n_embd) and whose Muon rate was muon_lr. Today's names restate it (head_lr such that muP's rule
+    gives the same 1.39 at width 4), so steps 3 and 4 repeat its record."""
+    fixture, run = ROOT / "tests" / "fixtures" / "run_before_mup_rule", tmp_path / "run"
+    shutil.copytree(fixture, run)
+    ns = run_script("train_gpt.py", f"--out_dir={run}", "--init_from=resume", "--device=cpu")
+    assert ns["base_lrs"] == [pytest.approx([0.1 * (768 / 4) ** 0.5, 0.03]), [0.04]]
+    assert "matrix_lr" in ns["config"] and "muon_lr" not in ns["config"] and ns["config"]["matrix_lr"] == 0.04
+    assert "resume: these settings differ" not in (run / "log.txt").read_text()  # a restatement, not a change
+    recorded = [(r["step"], r["loss"], r["grad_norm"], r["param_norm"]) for r in metrics(fixture)
+                if "loss" in r and r["step"] > 2]
+    resumed = [r for r in train_records(run) if r[0] > 2]
+    assert [r[0] for r in resumed] == [3, 4]
+    for got, want in zip(resumed, recorded, strict=True):
+        assert got == pytest.approx(want, rel=1e-5, abs=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+@pytest.mark.parametrize("ref", [768, 0])
+def test_old_settings_are_restated_at_the_rates_their_runs_used(arch, optimizer, ref):
+    """The settings of the per-group code before muP's rule (embedding and head x sqrt(ref / width), the
+    tied matrix at embedding_lr; adamw mode at learning_rate for all) give today's optimizers the same rates."""
+    model = tiny_model(arch)  # 32 wide
+    old = {**{k: v for k, v in SETTINGS.items() if k != "matrix_lr"}, "arch": arch, "optimizer": optimizer,
+           "muon_lr": 0.05, "embedding_lr": 0.2, "head_lr": 0.006, "scalar_lr": 0.02, "lr_ref_width": ref,
+           "learning_rate": 1e-3, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.99, "grad_clip_late": 0.5,
+           "grad_clip_late_step": 0}
+    width = (ref / 32) ** 0.5 if ref else 1.0
+    if optimizer == "adamw":
+        want = {"embedding+head" if arch == "gpt2" else "embedding": 1e-3, "rest": 1e-3, "head": 1e-3,
+                "matrices": 1e-3, "positions": 1e-3}
+    else:
+        want = {"embedding+head": 0.2 * width, "embedding": 0.2 * width, "rest": 0.02, "head": 0.006 * width,
+                "matrices": 0.05}
+    new = upgrade_settings(old, {"arch": arch, "n_embd": 32})
+    assert not {"muon_lr", "learning_rate", "beta1", "beta2", "weight_decay", "grad_clip_late"} & set(new)
+    got = {g["name"]: g["lr"] for opt in model.configure_optimizers(new) for g in opt.param_groups}
+    assert got == pytest.approx({k: want[k] for k in got})
+    if optimizer == "adamw":
+        assert (new["adam_beta1"], new["adam_beta2"], new["adam_eps"], new["adam_weight_decay"]) == (0.9, 0.99, 1e-8,
+                                                                                                   0.1)
 
 
 SCHEDULE = ("--lr_decay_iters=8", "--eval_interval=2")  # one LR schedule for the short runs and the full one
@@ -316,7 +369,7 @@ def test_two_rank_ddp_matches_one_rank_with_twice_the_accumulation(tmp_path):
 
 def test_a_run_that_diverges_before_its_first_checkpoint_says_there_is_none(tmp_path, capsys):
     with pytest.raises(SystemExit) as stopped:
-        train(tmp_path / "run", "--max_iters=5", "--head_lr=1e30", "--muon_lr=1e30", "--embedding_lr=1e30")
+        train(tmp_path / "run", "--max_iters=5", "--head_lr=1e30", "--matrix_lr=1e30", "--embedding_lr=1e30")
     out = capsys.readouterr().out
     assert stopped.value.code == 1 and "stopping; no checkpoint was written before it" in out
     assert not (tmp_path / "run" / "ckpt.pt").exists()
@@ -327,7 +380,7 @@ def test_nonfinite_loss_stops_without_touching_the_good_checkpoint(tmp_path, cap
     train(out, "--max_iters=2")
     before = hashlib.sha256((out / "ckpt.pt").read_bytes()).hexdigest()
     with pytest.raises(SystemExit) as stopped:
-        train(out, "--init_from=resume", "--max_iters=50", "--head_lr=1e30", "--muon_lr=1e30",
+        train(out, "--init_from=resume", "--max_iters=50", "--head_lr=1e30", "--matrix_lr=1e30",
               "--checkpoint_interval=1")
     assert stopped.value.code == 1 and "last good checkpoint" in capsys.readouterr().out
     assert hashlib.sha256((out / "ckpt.pt").read_bytes()).hexdigest() == before
@@ -363,13 +416,14 @@ BAD_SETTINGS = [
     (["--total_batch_size=0"], "--total_batch_size=0: must be at least 1"),
     (["--max_iters=-5"], "--max_iters=-5: must be at least 1"),
     (["--n_embd=65"], "n_embd=65 is not divisible by n_head=2"),
-    (["--learning_rate=-1e-3"], "--learning_rate=-0.001: must be 0 or more"),
-    (["--muon_lr=nan"], "--muon_lr=nan: must be a finite number"),
+    (["--matrix_lr=-1e-3"], "--matrix_lr=-0.001: must be 0 or more"),
+    (["--matrix_lr=nan"], "--matrix_lr=nan: must be a finite number"),
+    (["--adam_eps=0"], "--adam_eps=0.0: must be above 0"),
     (["--head_lr=inf"], "--head_lr=inf: must be a finite number"),
     (["--decay_frac=nan"], "--decay_frac=nan: must be a finite number"),
     (["--decay_frac=1.5"], "--decay_frac=1.5: must lie between 0 and 1"),
     (["--min_lr_frac=-0.1"], "--min_lr_frac=-0.1: must lie between 0 and 1"),
-    (["--beta1=2"], "--beta1=2.0: must lie in [0, 1)"),
+    (["--adam_beta1=2"], "--adam_beta1=2.0: must lie in [0, 1)"),
     (["--adam_beta2=1"], "--adam_beta2=1.0: must lie in [0, 1)"),
     (["--muon_momentum=-5"], "--muon_momentum=-5.0: must lie in [0, 1)"),
     (["--seed=-1"], "--seed=-1: must lie in [0, 2**32)"),
@@ -462,9 +516,39 @@ def test_resume_warns_of_a_new_schedule_and_survives_damaged_logs(tmp_path, caps
     capsys.readouterr()
     run_script("train_gpt.py", f"--out_dir={out}", "--init_from=resume", "--max_iters=6")
     printed = capsys.readouterr().out
-    assert "warning: max_iters 3 -> 6 moves the learning rate at step 3" in printed
+    assert "resume: these settings differ from the checkpoint's and apply from here: max_iters 3 -> 6" in printed
+    assert "warning: the schedule's factor at step 3 jumps 0.100 -> 0.868" in printed  # cosine to 6 steps
     assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in metrics(out) if "val_loss" in r] == [0, 1, 2, 3, 4, 5, 6]
+
+
+def test_a_resume_applies_every_changed_setting_says_so_and_records_it(tmp_path, capsys):
+    """One rule for every setting: a resume applies what it changes and says so (config.json and the checkpoint
+    record it), or refuses it in one line. load_state_dict alone would bring back the saved betas and decay."""
+    out = tmp_path / "run"
+    train(out, "--max_iters=2")
+    capsys.readouterr()
+    changes = ["--adam_beta1=0.9", "--adam_beta2=0.99", "--adam_eps=1e-8", "--adam_weight_decay=0.05",
+               "--muon_momentum=0.9", "--head_lr=0.004", "--muon_weight_decay=0.01"]
+    ns = run_script("train_gpt.py", f"--out_dir={out}", "--init_from=resume", "--max_iters=3", *changes)
+    printed = capsys.readouterr().out
+    line = next(x for x in printed.splitlines() if x.startswith("resume: these settings differ"))
+    for change in ("adam_beta1 0.8 -> 0.9", "adam_beta2 0.95 -> 0.99", "adam_eps 1e-10 -> 1e-08",
+                   "adam_weight_decay 0.0 -> 0.05", "muon_momentum 0.95 -> 0.9", "head_lr 0.008 -> 0.004",
+                   "max_iters 2 -> 3"):
+        assert change in line
+    adamw, muon = ns["optimizers"]
+    assert {(g["betas"], g["eps"]) for g in adamw.param_groups} == {((0.9, 0.99), 1e-8)}
+    assert [g["weight_decay"] for g in adamw.param_groups] == [0.05, 0.0]
+    assert muon.param_groups[0]["momentum"] == 0.9 and muon.param_groups[0]["weight_decay"] == 0.01
+    assert ns["base_lrs"][0][0] == pytest.approx(0.004 * 768 / 64)
+    assert adamw.state[adamw.param_groups[0]["params"][0]]["step"] == 3  # the moments came with the checkpoint
+    recorded = json.loads((out / "config.json").read_text())
+    saved = torch.load(out / "ckpt.pt", weights_only=True)["config"]
+    assert recorded["adam_beta1"] == saved["adam_beta1"] == 0.9 and recorded["head_lr"] == saved["head_lr"] == 0.004
+    with pytest.raises(UserError, match=r"keeps its optimizer \(optimizer muon -> adamw\)") as e:
+        run_script("train_gpt.py", f"--out_dir={out}", "--init_from=resume", "--max_iters=4", "--optimizer=adamw")
+    assert "\n" not in str(e.value)
 
 
 def fake_wandb(init):
