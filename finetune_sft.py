@@ -48,6 +48,7 @@ from data.run import (
     init_distributed,
     lock_run_dir,
     pick_autocast,
+    refuse_run_dir_clobber,
     refuse_to_overwrite,
     start_wandb,
 )
@@ -536,6 +537,8 @@ if not resume and ckpt_path.resolve().parent == Path(out_dir).resolve():
                     "pick another out_dir, or --init_from=resume to continue a fine-tune")
 if not resume:
     refuse_to_overwrite(out_dir)
+refuse_run_dir_clobber(out_dir, [(data_dir, "--data_dir"), (hellaswag_file, "--hellaswag_file")] +
+                       ([] if resume else [(ckpt_path, "--init_from")]))
 checkpoint = load_checkpoint(ckpt_path, device)  # the base model, or the run to resume
 if resume and not checkpoint.get("chat"):
     raise UserError(f"{ckpt_path} was not written by finetune_sft.py; to fine-tune it, pass --init_from={out_dir} "

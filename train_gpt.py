@@ -37,6 +37,7 @@ from data.run import (
     lock_run_dir,
     pick_autocast,
     refuse_architecture_change,
+    refuse_run_dir_clobber,
     refuse_to_overwrite,
     start_wandb,
 )
@@ -533,6 +534,7 @@ check_settings(config, positive=("n_layer", "n_head", "n_embd", "block_size", "b
                below_one=("adam_beta1", "adam_beta2", "muon_momentum"))
 if n_embd % n_head:
     raise UserError(f"n_embd={n_embd} is not divisible by n_head={n_head}; pick n_head among the divisors of n_embd")
+refuse_run_dir_clobber(out_dir, [(data_dir, "--data_dir"), (hellaswag_file, "--hellaswag_file")])
 ddp, rank, world_size, device = init_distributed(device)
 master = rank == 0  # rank 0 alone writes logs and checkpoints
 device_type = torch.device(device).type

@@ -7,6 +7,7 @@
     settings.py    a script's settings: defaults at its top < configs/*.toml < --key=value, and their checks
     run.py         the run dir (overwrite guard, lock, log), device and autocast, DDP, stop signals
     hellaswag.py   reading, rendering and scoring HellaSwag (eval_hellaswag.py and the training scripts)
+    train.py       what both training scripts do alike around their loops (resume, rates, NaN guard, val loss)
     fineweb_edu.py, sft_mix.py   data-prep scripts (no torch)
 """
 
@@ -63,3 +64,22 @@ def reach_hub(dataset, fix, timeout=5.0):
     except OSError as e:
         reason = e.strerror or type(e).__name__
         raise UserError(f"cannot reach the Hugging Face Hub at {host} for {dataset} ({reason}); {fix}") from None
+
+
+def refuse_clobber(writes, reads=()):
+    """One guard for every stage: refuse, before anything runs, an output that would overwrite an input.
+    writes: (path, setting, folder) for each output, folder=True for a folder the stage writes into or
+    replaces whole; reads: (path, setting) for each input file or folder, to which the config files on
+    the command line and the project's own code are added. Paths are compared after following symbolic
+    links (a link to an input is that input) and ~."""
+    code = [*REPO_ROOT.glob("*.py"), *REPO_ROOT.glob("data/*.py"), *REPO_ROOT.glob("bench/*"), REPO_ROOT / "configs"]
+    reads = [*reads, *((a, "the config file") for a in sys.argv[1:] if a.endswith(".toml")),
+             *((path, "the project's code") for path in code)]
+    for out, out_setting, folder in writes:
+        target = Path(out).expanduser().resolve()
+        for path, setting in reads:
+            source = Path(path).expanduser().resolve()
+            if source == target or (folder and target in source.parents):
+                what = f"{setting}={path}" if setting.startswith("-") else f"{setting} {path}"
+                raise UserError(f"{out_setting}={out} would overwrite {what}, which this reads"
+                                f"{'' if source == target else ' (it lies inside)'}; pick another {out_setting}")

@@ -108,6 +108,11 @@ def load_checkpoint(path, device="cpu"):
     if not isinstance(config, dict) or not all(isinstance(k, str) and type(v) in (int, float, bool, str)
                                                for k, v in config.items()):
         raise UserError(f"{path}: its model_config is missing or damaged; it cannot rebuild a model")
+    bad = next((name for name, w in ckpt["model"].items() if isinstance(w, torch.Tensor) and w.is_floating_point()
+                and not torch.isfinite(w).all()), None)
+    if bad is not None:  # one check here, so no stage scores, samples, tunes or exports such weights
+        raise UserError(f"{path}: weight {bad} holds NaN or inf, so the model cannot run; use an earlier checkpoint "
+                        "(ckpt_STEP.pt beside it) or train again")
     if isinstance(ckpt.get("config"), dict):
         ckpt["config"] = upgrade_settings(ckpt["config"], config)
     return ckpt

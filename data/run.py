@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import REPO_ROOT, UserError
+from data import REPO_ROOT, UserError, refuse_clobber
 
 
 def changed_settings(saved, config, keys):
@@ -31,6 +31,16 @@ def refuse_architecture_change(saved, config, source, fields):
     if changed:
         raise UserError(f"{source}: a resumed run keeps its architecture ({', '.join(changed)}); drop those flags, "
                         "or train the new shape from scratch in another out_dir")
+
+
+RUN_FILES = ("log.txt", "metrics.jsonl", "config.json", "curves.png", "run.lock", "ckpt.pt", "ckpt.pt.tmp", "code")
+
+
+def refuse_run_dir_clobber(out_dir, reads):
+    """A run writes out_dir's own files (RunLog's, the checkpoints): none of them may be an input of the run,
+    and out_dir may not be one either. reads: (path, setting) pairs, as for refuse_clobber."""
+    names = [Path(out_dir) / name for name in RUN_FILES]
+    refuse_clobber([(out_dir, "--out_dir", False), *((n, "--out_dir", n.name == "code") for n in names)], reads)
 
 
 def refuse_to_overwrite(out_dir):

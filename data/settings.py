@@ -7,6 +7,7 @@ ill-typed and out-of-range values are one-line errors, raised before the script 
 import ast
 import difflib
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -43,6 +44,7 @@ def _coerce(key, value, default, source):
     return value
 
 
+PATHS = ("ckpt", "init_from", "data", "out")  # the path settings beside the *_dir and *_file ones
 SETTING = re.compile(r"^([a-z_][a-z0-9_]*) = (.+?)(?:\s+#\s?(.*))?$")  # `name = value  # comment` at the top level
 
 
@@ -119,6 +121,9 @@ def parse_config(defaults, argv, positional=None):
             words += 1
         else:
             raise UserError(f"unexpected argument {arg!r}; use configs/NAME.toml or --key=value")
+    for key, value in config.items():  # the shell leaves the ~ of --out_dir=~/x alone
+        if type(value) is str and value.startswith("~") and (key.endswith(("_dir", "_file")) or key in PATHS):
+            config[key] = os.path.expanduser(value)
     return config
 
 
