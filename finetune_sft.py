@@ -60,7 +60,7 @@ from data.train import (
     group_rates,
     read_figures,
     restore,
-    resume_changes,
+    resume_notes,
     resume_optimizers,
     set_rates,
     stop_if_diverged,
@@ -619,12 +619,8 @@ if any(unscored.values()):
 log.print(f"peak rates: {group_rates(optimizers, base_lrs)} (the base run's x lr_scale={lr_scale}); each step x "
           "the schedule's factor (lr_factor)")
 if resume:
-    log.print(resume_changes(saved, config, [k for k in config if k not in ("init_from", "out_dir")]) or
-              "resume: the settings are the checkpoint's")
-    was, now = lr_factor(step, saved), lr_factor(step, config)
-    if not math.isclose(was, now):
-        log.print(f"warning: the schedule's factor at step {step} jumps {was:.3f} -> {now:.3f}; to lengthen a run "
-                  "smoothly, set lr_decay_iters to its final length from the start")
+    for note in resume_notes(saved, config, step, lr_factor):
+        log.print(note)
 
 
 @torch.no_grad()
@@ -675,11 +671,11 @@ while True:
         with autocast:  # does instruction tuning cost the base model's knowledge? before and after
             record["hellaswag"] = hellaswag_score(raw_model, hellaswag_examples, device, rank=rank,
                                                   world_size=world_size)["acc_norm"]
+            record["hellaswag_rows"] = len(hellaswag_examples)
     if not evaluated and master and sample_interval > 0 and (step % sample_interval == 0 or last_step):
         log.print(f"step {step} sample: {sample_prompt!r} -> {reply(sample_prompt)!r}")
     if record:
-        log.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items()))
-        log.metrics({"step": step, **record})
+        log.evals(step, record)
     evaluated = True
     if last_step:
         break

@@ -49,7 +49,7 @@ from data.train import (
     group_rates,
     read_figures,
     restore,
-    resume_changes,
+    resume_notes,
     resume_optimizers,
     set_rates,
     stop_if_diverged,
@@ -629,12 +629,8 @@ if step >= max_iters:
               "(set --lr_decay_iters to the final length from the start, so the schedule stays smooth)")
 log.print(f"peak rates: {group_rates(optimizers, base_lrs)}; each step x the schedule's factor (lr_factor)")
 if init_from == "resume":
-    log.print(resume_changes(saved, config, [k for k in config if k not in ("init_from", "out_dir")]) or
-              "resume: the settings are the checkpoint's")
-    was, now = lr_factor(step, saved), lr_factor(step, config)
-    if not math.isclose(was, now):
-        log.print(f"warning: the schedule's factor at step {step} jumps {was:.3f} -> {now:.3f}; to lengthen a run "
-                  "smoothly, set lr_decay_iters to its final length from the start")
+    for note in resume_notes(saved, config, step, lr_factor):
+        log.print(note)
 
 
 def mfu(tokens_per_sec):
@@ -677,6 +673,7 @@ while True:
         with autocast:  # raw_model: the batches of endings vary in length, which would recompile the compiled one
             record["hellaswag"] = hellaswag_score(raw_model, hellaswag_examples, device, rank=rank,
                                                   world_size=world_size)["acc_norm"]
+            record["hellaswag_rows"] = len(hellaswag_examples)
     if not evaluated and master and sample_interval > 0 and step > 0 and (step % sample_interval == 0 or last_step):
         enc = get_tokenizer()
         prompt = torch.tensor([[EOT, *enc.encode_ordinary(sample_prompt)]], device=device)
@@ -684,8 +681,7 @@ while True:
             out = [t.item() for t in raw_model.generate(prompt, sample_tokens, temperature=0.8, top_k=200)]
         log.print(f"step {step} sample: {sample_prompt}{enc.decode(out)!r}")
     if record:
-        log.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items()))
-        log.metrics({"step": step, **record})
+        log.evals(step, record)
     evaluated = True
     if last_step:
         break

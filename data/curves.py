@@ -83,6 +83,19 @@ def draw_curves(runs, out, labels=None):
     return out
 
 
+def mark_clipped(ax, low, high):
+    """Points of the panel's lines outside its y range, drawn on its edge as open triangles pointing out, so a
+    clipped spike still shows where it happened."""
+    import numpy as np
+
+    for line in list(ax.get_lines()):
+        steps, values = np.asarray(line.get_xdata(), dtype=float), np.asarray(line.get_ydata(), dtype=float)
+        for edge, outside, marker in ((high, values > high, "^"), (low, values < low, "v")):
+            if outside.any():
+                ax.plot(steps[outside], [edge] * int(outside.sum()), marker, color=line.get_color(), markersize=6,
+                        markerfacecolor="none", clip_on=False, label="_clipped")
+
+
 def curves_figure(runs, labels=None):
     """The matplotlib Figure of the runs' curves: a panel per metric that some run measured."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state in a training process
@@ -120,6 +133,9 @@ def curves_figure(runs, labels=None):
                             label=name)
                 if key != "val_loss":
                     late += [v for s, v in zip(steps, values, strict=True) if s >= 0.1 * steps[-1]]
+        rows = {r["hellaswag_rows"] for records in data for r in records if isinstance(r.get("hellaswag_rows"), int)}
+        if title.startswith("HellaSwag") and rows:  # 50 rows and 10,042 are not the same measurement
+            title += f" ({', '.join(f'{n:,}' for n in sorted(rows))} rows)"
         ax.set_title(title, fontsize=11)
         ax.set_xlabel("step", fontsize=9)
         ax.tick_params(labelsize=8)
@@ -133,6 +149,7 @@ def curves_figure(runs, labels=None):
                 high = min(high, 3 * sorted(late)[len(late) // 2])
             pad = 0.05 * (high - low) or 0.05 * abs(high) or 0.1
             ax.set_ylim(low - pad, high + pad)
+            mark_clipped(ax, low - pad, high + pad)
         if ax.get_legend_handles_labels()[1]:
             ax.legend(fontsize=8)
     summary = []

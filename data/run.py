@@ -266,6 +266,12 @@ class RunLog:
         with open(self.log_path, "a") as f:
             f.write(text + "\n")
 
+    def evals(self, step, record):
+        """A step's evaluations ({"val_loss": ..., ...}): a line in log.txt, a record in metrics.jsonl."""
+        self.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" if type(v) is float else f"{k} {v}"
+                                                for k, v in record.items()))
+        self.metrics({"step": step, **record})
+
     def metrics(self, record):
         """Append one record ({"step": ..., ...}) to metrics.jsonl, and to wandb when it is on."""
         if not self.enabled:

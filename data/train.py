@@ -67,12 +67,17 @@ def restore(checkpoint, loader):
     return checkpoint["step"], checkpoint["best_val_loss"], checkpoint["evals_done"]
 
 
-def resume_changes(saved, config, keys):
-    """The log line that lists what a resume changes (every setting in keys that differs from the
-    checkpoint's), or '' when nothing does."""
-    changed = changed_settings(saved, config, keys)
-    return f"resume: these settings differ from the checkpoint's and apply from here: {', '.join(changed)}" \
-        if changed else ""
+def resume_notes(saved, config, step, lr_factor):
+    """What the log says when a run resumes: every setting that differs from the checkpoint's (each applies
+    from here), and a warning when the schedule's factor jumps at this step (lr_factor: the script's)."""
+    changed = changed_settings(saved, config, [k for k in config if k not in ("init_from", "out_dir")])
+    notes = [f"resume: these settings differ from the checkpoint's and apply from here: {', '.join(changed)}"
+             if changed else "resume: the settings are the checkpoint's"]
+    was, now = lr_factor(step, saved), lr_factor(step, config)
+    if not math.isclose(was, now):
+        notes.append(f"warning: the schedule's factor at step {step} jumps {was:.3f} -> {now:.3f}; to lengthen a "
+                     "run smoothly, set lr_decay_iters to its final length from the start")
+    return notes
 
 
 def set_rates(optimizers, base_lrs, factor, momentum):

@@ -120,3 +120,22 @@ def test_panels_are_the_measured_metrics_with_honest_axes(tmp_path):
     assert low <= 0.2 and high >= 0.4  # one question in 50 does not fill the panel
     assert any(line.get_label() == "chance" and set(line.get_ydata()) == {0.25} for line in
                axes["HellaSwag acc_norm"].get_lines())
+
+
+def test_a_clipped_point_is_marked_on_the_edge_and_hellaswag_says_its_rows(tmp_path):
+    from data.curves import curves_figure
+
+    run = tmp_path / "run"
+    run.mkdir()
+    losses = [6 - s / 100 for s in range(1, 101)]
+    losses[4] = 14.5  # an early spike: the zoomed axis leaves out the first 10% of steps
+    records = [{"step": 0, "val_loss": 10.8}] + [{"step": s, "loss": v} for s, v in enumerate(losses, 1)]
+    records += [{"step": 100, "val_loss": 5.1, "hellaswag": 0.26, "hellaswag_rows": 50}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    axes = {ax.get_title(): ax for ax in curves_figure([run]).axes if ax.get_visible()}
+    loss = axes["loss"]
+    low, high = loss.get_ylim()
+    assert high < 14.5
+    marks = [line for line in loss.get_lines() if line.get_label() == "_clipped"]
+    assert len(marks) == 1 and list(marks[0].get_xdata()) == [5] and list(marks[0].get_ydata()) == [high]
+    assert "HellaSwag acc_norm (50 rows)" in axes
