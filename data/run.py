@@ -6,6 +6,7 @@ computes; the scripts do. Settings parsing is in data/settings.py.
 
 import contextlib
 import json
+import math
 import os
 import platform
 import signal
@@ -276,8 +277,9 @@ class RunLog:
         """Append one record ({"step": ..., ...}) to metrics.jsonl, and to wandb when it is on."""
         if not self.enabled:
             return
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        record = {k: None if type(v) is float and not math.isfinite(v) else v for k, v in record.items()}
+        with open(self.metrics_path, "a") as f:  # NaN is not JSON: a reader of metrics.jsonl gets null
+            f.write(json.dumps(record, allow_nan=False) + "\n")
         self.undrawn = True
         if self.wandb:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])

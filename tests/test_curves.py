@@ -139,3 +139,10 @@ def test_a_clipped_point_is_marked_on_the_edge_and_hellaswag_says_its_rows(tmp_p
     marks = [line for line in loss.get_lines() if line.get_label() == "_clipped"]
     assert len(marks) == 1 and list(marks[0].get_xdata()) == [5] and list(marks[0].get_ydata()) == [high]
     assert "HellaSwag acc_norm (50 rows)" in axes
+
+
+def test_metrics_jsonl_stays_json_when_a_value_is_not_finite(tmp_path):
+    log = RunLog(tmp_path / "run", __file__, {})
+    log.metrics({"step": 1, "val_loss": float("nan"), "grad_norm": float("inf"), "loss": 2.5})
+    (line,) = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(line) == {"step": 1, "val_loss": None, "grad_norm": None, "loss": 2.5}
