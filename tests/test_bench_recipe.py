@@ -13,7 +13,8 @@ from helpers import REPO_ROOT, SAMPLE_SHARDS
 TINY = ["--widths=32,64", "--layers=1", "--head_dim=16", "--block_size=16", "--batch_size=4", "--steps=6",
         "--seeds=1,2", "--one_seed_from=64", "--eval_interval=2", "--val_tokens=256", "--sweep=head_lr",
         "--multipliers=2",
-        "--adamw_lrs=1e-3,1e-2", "--recipes=seq=--loader_mode=sequential", f"--data_dir={SAMPLE_SHARDS}"]
+        "--adamw_lrs=1e-3,1e-2", "--recipes=seq=--loader_mode=sequential;same=--head_lr=0.008",
+        f"--data_dir={SAMPLE_SHARDS}"]
 
 
 def bench(out, *args, cwd=REPO_ROOT):
@@ -29,12 +30,12 @@ def test_the_ladder_at_toy_size(tmp_path):
     report = json.loads((tmp_path / "out" / "gpt2" / "results.json").read_text())
     for width in ("32", "64"):
         table = report["widths"][width]["rows"]
-        assert list(table) == ["default", "head_lr x2", "adamw 0.001", "adamw 0.01", "seq"]
+        assert list(table) == ["default", "head_lr x2", "adamw 0.001", "adamw 0.01", "seq", "same"]
         best = report["widths"][width]["target"]
         assert best in ("adamw 0.001", "adamw 0.01")
         assert min(table["adamw 0.001"]["mean"], table["adamw 0.01"]["mean"]) == table[best]["mean"]
         seeds = {label: len(row["finals"]) for label, row in table.items()}
-        repeated = ("default", "seq", best) if width == "32" else ()  # from --one_seed_from=64, one seed
+        repeated = ("default", "seq", "same", best) if width == "32" else ()  # from --one_seed_from=64, one seed
         assert seeds == {k: 2 if k in repeated else 1 for k in table}
         assert table[best]["steps_to_target"] == 6  # the best AdamW reaches its own final at the end
         assert all(row["rise"] >= 0 for row in table.values())  # the worst logged loss is at least step 0's
@@ -48,6 +49,9 @@ def test_the_ladder_at_toy_size(tmp_path):
     assert "--head_lr=0.016" in args and "--warmup_iters=0" in args and "--dtype=bfloat16" in args
     assert f"--data_dir={SAMPLE_SHARDS}" in args and "--log_interval=1" in args
     assert (tmp_path / "out" / "gpt2_w32.png").stat().st_size > 10_000
+    assert not list((tmp_path / "out").rglob("ckpt*.pt"))  # the bench keeps metrics, not 0.5 GB checkpoints
+    same, default = (tmp_path / "out" / "gpt2" / "w32" / label / "s1" / "log.txt" for label in ("same", "default"))
+    assert same.read_text() == default.read_text()  # the same settings under another label: kept, not trained
     written = (run_dir / "metrics.jsonl").stat().st_mtime_ns
     again = bench(tmp_path / "out", cwd=tmp_path)  # every run kept: nothing trains again
     assert again.returncode == 0 and (run_dir / "metrics.jsonl").stat().st_mtime_ns == written
