@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import UserError, one_line_errors
+from data import UserError, one_line_errors, refuse_clobber
 from data.checkpoint import load_checkpoint, resolve_checkpoint
 from data.hellaswag import HELLASWAG_FILE, download_hellaswag, hellaswag_path, hellaswag_score, load_hellaswag
 from data.run import pick_autocast, pick_device
@@ -405,6 +405,22 @@ def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 # ----------------------------------------------------------------------------- end of model
 
 # ----------------------------------------------------------------------------- main
+def write_json(path, result):
+    """Write result to path through a temp file beside it and a rename, so a failed or interrupted write leaves
+    the file as it was. A link is followed: the file it names is replaced, the link stays."""
+    target = Path(path).resolve()
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "x") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, target)
+    except OSError as e:
+        raise UserError(f"--out={path}: cannot write it ({e.strerror or e}); the scores are printed above") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 check_settings(config, positive=("batch_size",), non_negative=("limit",))
 if download_only:
     if not HELLASWAG_FILE.is_file():
@@ -414,12 +430,22 @@ if download_only:
 if init_from and ckpt:
     raise UserError("--init_from and --ckpt both name a model; pass one")
 source = init_from or resolve_checkpoint(ckpt)  # before any download: a missing checkpoint fails fast
-if out and not (Path(out).resolve().parent.is_dir() and os.access(Path(out).resolve().parent, os.W_OK)):
-    raise UserError(f"--out={out}: its folder does not exist or cannot be written; make it first")  # not after scoring
+if out:  # every check on --out comes before the scoring, which can take minutes
+    target = Path(out).resolve()
+    if target.is_dir():
+        raise UserError(f"--out={out} is a folder; name a file in it, like --out={Path(out) / 'hellaswag.json'}")
+    if target.exists() and not target.is_file():
+        raise UserError(f"--out={out} is not a regular file (a device or a pipe); name a .json file, or drop --out")
+    if not (target.parent.is_dir() and os.access(target.parent, os.W_OK)):
+        raise UserError(f"--out={out}: its folder does not exist or cannot be written; make it first")
+    refuse_clobber([(out, "--out", False)], [(data or HELLASWAG_FILE, "--data" if data else "the HellaSwag file"),
+                                             *([] if init_from else [(source, "--ckpt")])])
 device = pick_device(device)
 dtype, autocast = pick_autocast(device, dtype)
 path = hellaswag_path(data)
 examples = load_hellaswag(path, limit)
+if limit > len(examples):
+    print(f"[--limit={limit}: {path} holds {len(examples)} examples, all of them scored]", file=sys.stderr)
 if init_from:
     model = GPT.from_pretrained(init_from)
 else:  # loaded on the CPU: the optimizer state in the checkpoint never takes GPU memory
@@ -432,7 +458,4 @@ with autocast:
     score = hellaswag_score(model, examples, device, batch_size)
 print(f"hellaswag {source}: acc {score['acc']:.4f} acc_norm {score['acc_norm']:.4f} n {score['n']}")
 if out:
-    result = {**score, "ckpt": str(source), "data": str(path), "limit": limit, "dtype": dtype}
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
+    write_json(out, {**score, "ckpt": str(source), "data": str(path), "limit": limit, "dtype": dtype})

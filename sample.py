@@ -4,16 +4,19 @@ Sample from a trained GPT; the text streams to stdout as it is generated.
     python sample.py "Once upon a time"                            # the newest logs/*/ckpt.pt
     python sample.py "The meaning of life is" --ckpt=logs/gpt2_124m --num_samples=3 --temperature=0.8
     python sample.py "Name three primary colors." --ckpt=logs/sft  # an SFT checkpoint: chat, only the reply
+    python sample.py "Once upon a time" --ckpt=logs/sft --chat=false  # an SFT checkpoint as plain text
     python sample.py --interactive --ckpt=logs/sft                 # a conversation: a prompt per line, /reset, EOF
     python sample.py --prompt_file=prompt.txt --temperature=0      # greedy
 
 Every prompt starts after an <|endoftext|>, where each pretraining document starts; an empty
-prompt is <|endoftext|> alone. Generation stops at <|endoftext|> or after max_new_tokens.
+prompt is <|endoftext|> alone. Generation stops at <|endoftext|> (in chat mode at <|user|> and
+<|assistant|> too) or after max_new_tokens.
 
 Settings: the block below, then --key=value (or --key value); the bare words are the prompt.
 """
 
 import codecs
+import itertools
 import math
 import sys
 from dataclasses import dataclass
@@ -27,7 +30,7 @@ from data import UserError, one_line_errors
 from data.checkpoint import load_checkpoint, resolve_checkpoint
 from data.run import pick_autocast, pick_device
 from data.settings import check_settings, parse_settings
-from data.tokenizer import ASSISTANT, EOT, VOCAB_SIZE, chat_context, chat_prompt, get_tokenizer
+from data.tokenizer import ASSISTANT, EOT, USER, VOCAB_SIZE, chat_context, get_tokenizer
 
 one_line_errors()
 
@@ -41,7 +44,7 @@ temperature = 0.8  # 0 = greedy
 top_k = 200  # sample only from the k likeliest tokens; 0 = off
 top_p = 1.0  # sample only from the smallest set of tokens whose probability reaches p; 1.0 = off
 seed = 1337  # the same seed gives the same text
-chat = False  # wrap the prompt in the chat template and print only the reply (automatic for SFT checkpoints)
+chat = "auto"  # "auto": true for SFT checkpoints; "true": the chat template, print only the reply; "false": plain text
 interactive = False  # read prompts from stdin, one per line, until EOF or an empty line; a chat remembers (/reset)
 use_cache = True  # KV cache: after the prompt, each forward takes one token
 stream_chunk = 8  # tokens printed at a time: one wait for the GPU per chunk instead of one per token
@@ -406,20 +409,29 @@ def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 
 # ----------------------------------------------------------------------------- setup
 check_settings(config, positive=("max_new_tokens", "num_samples", "stream_chunk"),
-               non_negative=("temperature", "top_k"))
+               non_negative=("temperature", "top_k"), choices=dict(chat=("auto", "true", "false")))
 if not 0 < top_p <= 1:
     raise UserError(f"--top_p={top_p}: must be in (0, 1]; 1 = off")
 if prompt and prompt_file:
     raise UserError("a prompt and --prompt_file both give the prompt; pass one")
 if interactive and (prompt or prompt_file):
     raise UserError("--interactive reads the prompts from stdin; drop the prompt argument and --prompt_file")
+try:
+    prompt.encode("utf-8")
+except UnicodeEncodeError as e:  # Python hands on the bytes of argv that are not UTF-8 as lone surrogates
+    raise UserError(f"the prompt is not valid UTF-8 (character {e.start + 1}); pass UTF-8 text, or save it as UTF-8 "
+                    "and pass --prompt_file") from None
 if prompt_file:
+    if Path(prompt_file).is_dir():
+        raise UserError(f"--prompt_file={prompt_file} is a folder; pass the text file that holds the prompt")
     if not Path(prompt_file).is_file():
         raise UserError(f"--prompt_file={prompt_file}: file not found")
     try:
         prompt = Path(prompt_file).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"--prompt_file={prompt_file}: not valid UTF-8 (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise UserError(f"--prompt_file={prompt_file}: cannot be read ({e.strerror}); check its permissions") from None
 if compile and not use_cache:
     raise UserError("--compile compiles the KV-cached one-token step; drop --use_cache=False or --compile")
 device = pick_device(device)
@@ -429,9 +441,10 @@ ckpt_path = resolve_checkpoint(ckpt)
 checkpoint = load_checkpoint(ckpt_path, "cpu")  # on the CPU: the optimizer state stays off the GPU
 model = GPT.from_checkpoint(checkpoint, ckpt_path).to(device, getattr(torch, dtype))
 model.eval()
-chat = chat or checkpoint.get("chat", False)
+chat = checkpoint.get("chat", False) if chat == "auto" else chat == "true"
 if chat and model.config.vocab_size <= ASSISTANT:
-    raise UserError(f"{ckpt_path}: vocab_size {model.config.vocab_size} has no room for the chat tokens; drop --chat")
+    raise UserError(f"{ckpt_path}: vocab_size {model.config.vocab_size} has no room for the chat tokens; "
+                    "pass --chat=false")
 print(f"[{ckpt_path}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, step "
       f"{checkpoint.get('step', '?')}{', chat' if chat else ''}]", file=sys.stderr, flush=True)
 del checkpoint
@@ -443,6 +456,11 @@ enc = get_tokenizer()
 
 
 # ----------------------------------------------------------------------------- sampling
+block_size = model.config.block_size
+room = block_size - min(max_new_tokens, block_size // 2)  # for the prompt: the reply gets up to half the context
+stops = (EOT, USER, ASSISTANT) if chat else (EOT,)  # in a chat a turn marker ends the reply, as <|endoftext|> does
+
+
 def in_chunks(tokens, size):
     """The (1, 1) token tensors that generate() yields, as lists of ints, size at a time: reading a token
     waits for the GPU to finish it, so reading one at a time would leave it idle after every token."""
@@ -457,38 +475,55 @@ def in_chunks(tokens, size):
 
 
 def stream(ids):
-    """Generate after the token ids and print the text as it comes, up to <|endoftext|>; return that text."""
+    """Generate after the token ids and print the text as it comes, up to a stop token; return that text."""
     # a character's bytes may be split over several tokens: print it once it is complete
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     idx = torch.tensor([ids], device=device)
     tokens = model.generate(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator, cache)
-    n, reply = 0, []
+    n, reply, stop = 0, [], None
     for chunk in in_chunks(tokens, stream_chunk):
-        end = EOT in chunk
-        if end:  # what the model generated after <|endoftext|> is dropped
-            chunk = chunk[: chunk.index(EOT)]
+        end = next((i for i, t in enumerate(chunk) if t in stops), None)
+        if end is not None:  # what the model generated after the stop token is dropped
+            chunk, stop = chunk[:end], chunk[end]
         n += len(chunk)
         reply += chunk
         text = b"".join(enc.decode_single_token_bytes(t) for t in chunk if t < enc.n_vocab)  # padding ids: no text
         print(decoder.decode(text), end="", flush=True)
-        if end:
+        if stop is not None:
             break
     print(decoder.decode(b"", final=True), flush=True)
     if n == 0:
-        print("[the model ended the text at once (<|endoftext|>); try another --seed or prompt]", file=sys.stderr)
+        print(f"[the model ended the {'reply' if chat else 'text'} at once ({enc.decode([stop])}); try another --seed "
+              "or prompt]", file=sys.stderr)
     return enc.decode([t for t in reply if t < enc.n_vocab])
+
+
+def context(text, history):
+    """The token ids before the reply to text, and how many of the history's (prompt, reply) turns no longer fit.
+    After <|endoftext|>: the text, or in a chat the turns that fit, whole, then <|user|>{text}<|assistant|>. A chat
+    prompt too long for the context loses its oldest tokens, not its markers: without them it is no chat."""
+    if not chat:
+        ids = [EOT, *enc.encode_ordinary(text)]
+        if len(ids) > block_size:
+            print(f"[the prompt is {len(ids)} tokens, longer than the context: the model sees its last {block_size}]",
+                  file=sys.stderr)
+        return ids, 0
+    ids, dropped = chat_context(history or [], text, room)
+    cut = len(ids) - max(room, 3)  # the three markers stay, even in a context too short for them and a token
+    if cut > 0:  # the prompt alone is too long, so chat_context has dropped every old turn
+        ids = [EOT, USER, *ids[2 + cut :]]
+        print(f"[the prompt is too long for the context of {block_size} tokens with room for the reply: its first "
+              f"{cut} tokens dropped]", file=sys.stderr)
+    return ids, dropped
 
 
 def respond(text, history=None):
     """Samples after text; in a chat with a history (a list of (prompt, reply)), the conversation so far comes
     first and the first sample's reply joins it."""
-    if history is None:
-        ids = [EOT, *(chat_prompt(text) if chat else enc.encode_ordinary(text))]
-    else:  # keep room for the reply: whole old turns go first
-        ids, dropped = chat_context(history, text, max(1, model.config.block_size - max_new_tokens))
-        if dropped:
-            print(f"[the context is full: the oldest {dropped} turn(s) dropped]", file=sys.stderr)
-            del history[:dropped]
+    ids, dropped = context(text, history)
+    if dropped:
+        print(f"[the context is full: the oldest {dropped} turn(s) dropped]", file=sys.stderr)
+        del history[:dropped]
     replies = []
     for i in range(num_samples):
         if i > 0:
@@ -500,17 +535,33 @@ def respond(text, history=None):
         history.append((text, replies[0]))
 
 
+def stdin_prompts():
+    """The lines of stdin, up to EOF or an empty line. No stdin at all (`<&-`) ends the conversation as EOF does."""
+    if sys.stdin is None:
+        return
+    for lineno in itertools.count(1):
+        if sys.stdin.isatty():
+            print("> ", end="", flush=True)
+        try:
+            raw = sys.stdin.buffer.readline()
+        except OSError as e:
+            raise UserError(f"--interactive: cannot read stdin ({e.strerror}); give it a terminal, a pipe or a text "
+                            "file") from None
+        try:
+            line = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as e:
+            raise UserError(f"--interactive: stdin line {lineno} is not valid UTF-8 (byte {e.start}); send UTF-8 "
+                            "text") from None
+        if not line.strip():
+            return
+        yield line
+
+
 if not interactive:
     respond(prompt)
 else:  # a chat checkpoint remembers the conversation; /reset starts afresh
     history = [] if chat else None
-    while True:
-        try:
-            line = input("> " if sys.stdin.isatty() else "")
-        except EOFError:
-            break
-        if not line.strip():
-            break
+    for line in stdin_prompts():
         if chat and line.strip() == "/reset":
             history.clear()
             print("[a new conversation]", file=sys.stderr)

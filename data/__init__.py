@@ -70,16 +70,21 @@ def refuse_clobber(writes, reads=()):
     """One guard for every stage: refuse, before anything runs, an output that would overwrite an input.
     writes: (path, setting, folder) for each output, folder=True for a folder the stage writes into or
     replaces whole; reads: (path, setting) for each input file or folder, to which the config files on
-    the command line and the project's own code are added. Paths are compared after following symbolic
-    links (a link to an input is that input) and ~."""
+    the command line and the project's own code and bundled data are added. An output inside an input
+    folder counts as overwriting it. Paths are compared after following symbolic links (a link to an input
+    is that input) and ~."""
     code = [*REPO_ROOT.glob("*.py"), *REPO_ROOT.glob("data/*.py"), *REPO_ROOT.glob("bench/*"), REPO_ROOT / "configs"]
     reads = [*reads, *((a, "the config file") for a in sys.argv[1:] if a.endswith(".toml")),
-             *((path, "the project's code") for path in code)]
+             *((path, "the project's code") for path in code),
+             *((path, "the project's bundled data") for path in [REPO_ROOT / "data/gpt2.tiktoken",
+                                                                  *REPO_ROOT.glob("data/samples/*")] if path.is_file())]
     for out, out_setting, folder in writes:
         target = Path(out).expanduser().resolve()
         for path, setting in reads:
             source = Path(path).expanduser().resolve()
-            if source == target or (folder and target in source.parents):
+            inside = source in target.parents and source.is_dir()
+            if source == target or inside or (folder and target in source.parents):
                 what = f"{setting}={path}" if setting.startswith("-") else f"{setting} {path}"
-                raise UserError(f"{out_setting}={out} would overwrite {what}, which this reads"
-                                f"{'' if source == target else ' (it lies inside)'}; pick another {out_setting}")
+                where = " (it lies inside)" if folder and target in source.parents else ""
+                raise UserError(f"{out_setting}={out} would {'write inside' if inside else 'overwrite'} {what}, which "
+                                f"this reads{where}; pick another {out_setting}")

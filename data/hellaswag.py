@@ -74,16 +74,20 @@ def check_example(example):
 
 def load_hellaswag(path, limit=0):
     """The examples of a HellaSwag jsonl file, the first `limit` of them if limit > 0. A row that
-    cannot be scored is an error naming the file and line, not a silently skipped example."""
+    cannot be scored is an error naming the file and line, not a silently skipped example; so is a row
+    that repeats an earlier one (the same ctx and endings), which would count twice. The val set's `ind`
+    is no key for that: 433 of its values each name two different rows."""
+    if os.path.isdir(path):
+        raise UserError(f"HellaSwag file {path} is a folder; name the .jsonl file in it")
     if not os.path.isfile(path):
         raise UserError(f"HellaSwag file {path} not found")
-    examples = []
+    examples, first_seen, repeats = [], {}, []  # repeats: (line, the line it repeats)
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             if limit and len(examples) == limit:
                 break
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM, as some editors save
             except UnicodeDecodeError as e:
                 raise UserError(f"{path} line {lineno}: not valid UTF-8 (byte {e.start})") from None
             if not line.strip():
@@ -95,7 +99,16 @@ def load_hellaswag(path, limit=0):
             problem = check_example(example)
             if problem:
                 raise UserError(f"{path} line {lineno}: {problem}")
+            key = (example["ctx"], tuple(example["endings"]))
+            if key in first_seen:
+                repeats.append((lineno, first_seen[key]))
+            first_seen.setdefault(key, lineno)
             examples.append(example)
+    if repeats:
+        (line, earlier), n = repeats[0], len(repeats)
+        raise UserError(f"{path} line {line} repeats line {earlier} (the same ctx and endings); {n} row"
+                        f"{'s repeat' if n > 1 else ' repeats'} an earlier one in all: remove them, or each counts "
+                        "twice")
     if not examples:
         raise UserError(f"HellaSwag file {path} holds no examples; point --data at the val set (10,042 rows)")
     return examples

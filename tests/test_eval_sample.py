@@ -278,7 +278,7 @@ def test_interactive_and_prompt_file(run_dirs, tmp_path, capsys, monkeypatch):
     prompt_file = tmp_path / "prompt.txt"
     prompt_file.write_text("The sky")
     from_file = sample_text(capsys, f"--prompt_file={prompt_file}", *args)
-    monkeypatch.setattr("sys.stdin", io.StringIO("The sky\nThe sky\n\nnever read\n"))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"The sky\nThe sky\n\nnever read\n")))
     assert sample_text(capsys, "--interactive", *args) == from_file * 2
 
 
