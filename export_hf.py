@@ -17,7 +17,10 @@ out of the fused c_fc, and the RoPE convention converted, see hf_state_dict). Wh
 express (qk_norm, logit_softcap: any model option beyond HF_FIELDS, away from its default) is refused.
 The folder holds config.json, generation_config.json, model.safetensors, tokenizer.json,
 tokenizer_config.json and a README.md model card. Before the folder appears, transformers loads it
-back and must give our logits and our token ids (check=True).
+back and must give our logits and our token ids (check=True). It is written beside out_dir and swapped in
+whole: a failed, interrupted or disk-full export leaves the earlier one as it was. --overwrite replaces an
+earlier export only (a folder holding any other file is refused), and never the checkpoint it reads; an
+out_dir that is a link keeps pointing at the new export.
 
 The tokenizer gives exactly our ids: GPT-2's BPE from data/gpt2.tiktoken (vocab and merges rebuilt
 from its ranks), <|endoftext|> = 50256, <|user|> = 50257, <|assistant|> = 50258; len(tokenizer) is
@@ -33,9 +36,11 @@ Settings: the block below, then --key=value (or --key value).
 The sections: settings, model (the same text in every stage script), export, main.
 """
 
+import errno
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -47,7 +52,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import REPO_ROOT, UserError, one_line_errors
+from data import UserError, one_line_errors, refuse_clobber
 from data.checkpoint import load_checkpoint, resolve_checkpoint
 from data.settings import check_settings, parse_settings
 from data.tokenizer import ASSISTANT, EOT, USER, VOCAB_SIZE, get_tokenizer
@@ -59,7 +64,7 @@ ckpt = ""  # checkpoint file or run dir; "" = the newest logs/*/ckpt.pt
 out_dir = ""  # the folder to write; "" = hf/<name of the checkpoint's run dir>
 save_dtype = "float32"  # the stored weights: "float32" (exactly ours) or "bfloat16" (half the size)
 check = True  # load the folder back with transformers and compare logits and token ids with ours first
-overwrite = False  # replace an existing out_dir
+overwrite = False  # replace an earlier export in out_dir (a link to one: its target, the link stays)
 
 config = parse_settings(globals(), sys.argv[1:])
 globals().update(config)
@@ -650,7 +655,7 @@ def write_folder(folder, name, model, checkpoint, ckpt_path, save_dtype):
 
 
 @torch.no_grad()
-def check_folder(folder, model, chat, save_dtype):
+def check_folder(folder, model, chat, save_dtype, source):
     """transformers, loading the folder, must give our token ids and (for our weights rounded to save_dtype
     and run in fp32) our logits. Returns the largest logit difference."""
     import copy
@@ -677,12 +682,41 @@ def check_folder(folder, model, chat, save_dtype):
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True).eval()
     idx = torch.tensor([[EOT, *ours][: model.config.block_size]])
     expected, _ = reference(idx)
+    if not torch.isfinite(expected).all():  # finite weights whose products overflow: the model itself cannot run
+        raise UserError(f"{source}: the model's own logits are not finite (its weights overflow float32"
+                        f"{' once rounded to bfloat16' if save_dtype == 'bfloat16' else ''}), so no export of it "
+                        "can run; use an earlier checkpoint")
     got = hf(idx).logits
     diff = (got - expected).abs().max().item()
     if not diff <= 1e-4 * max(1.0, expected.abs().max().item()):
         raise UserError(f"export check: transformers' logits differ from ours by up to {diff:.3g}; the export is wrong "
                         "(please report it)")
     return diff
+
+
+EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                "tokenizer.json", "tokenizer_config.json", "README.md")
+EXTRA_BYTES = 8 * 2**20  # an export's files beside its weights (tokenizer.json is 3.6 MB), with room to spare
+
+
+def export_file(path):
+    """Whether path is a file an export writes (a large model's weights come in numbered shards)."""
+    return path.is_file() and (path.name in EXPORT_FILES or bool(re.fullmatch(r"model-\d+-of-\d+\.safetensors",
+                                                                               path.name)))
+
+
+def full_disk(e):
+    """Whether an error is a full disk or quota: an OSError, or safetensors' error naming the OS error."""
+    codes = (errno.ENOSPC, errno.EDQUOT)
+    return getattr(e, "errno", None) in codes or any(f"(os error {code})" in str(e) for code in codes)
+
+
+def disk_full(folder, need, out):
+    free = shutil.disk_usage(folder).free
+    short = need - free if need > free else need  # the disk filled from elsewhere meanwhile: the whole export
+    return UserError(f"disk full: free {math.ceil(short / 2**20)} MB in {folder} (the export takes about "
+                     f"{math.ceil(need / 2**20)} MB, {free // 2**20} MB are free) and export again; "
+                     f"{out} is as it was")
 
 
 def interrupt(signum, frame):
@@ -693,22 +727,29 @@ def interrupt(signum, frame):
 check_settings(config, choices=dict(save_dtype=("float32", "bfloat16")))
 ckpt_path = resolve_checkpoint(ckpt)
 out = Path(out_dir or Path("hf") / Path(ckpt_path).resolve().parent.name)
-if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-    raise UserError(f"out_dir={out} already exists; pass --overwrite to replace it, or pick another --out_dir")
-if out.is_dir() and overwrite:  # --overwrite replaces an earlier export, never a run, a checkpoint or the repo
-    holds = [p for p in (ckpt_path.resolve().parent, REPO_ROOT) if out.resolve() in (p, *p.parents)]
-    runs = next((p for p in out.rglob("*") if p.suffix == ".pt" or p.name in ("metrics.jsonl", "log.txt", ".git")),
-                None)
-    if holds or runs:
-        raise UserError(f"out_dir={out} holds {holds[0] if holds else runs}, which --overwrite would delete; "
-                        "export to another --out_dir")
-existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())  # before any work
-if not existing.is_dir() or not os.access(existing, os.W_OK):
-    raise UserError(f"--out_dir={out}: {existing} is {'a file' if not existing.is_dir() else 'not writable'}; "
-                    "pick another --out_dir")
+try:
+    real = out.resolve()  # a link is followed: its target is replaced, and the link stays
+except (OSError, RuntimeError) as e:  # a loop of links
+    raise UserError(f"--out_dir={out} cannot be followed ({e}); pick another --out_dir") from None
+refuse_clobber([(out, "--out_dir", True)], [(ckpt_path, "--ckpt")])
+parent = next(p for p in real.parents if p.exists())  # where the export is staged, checked before any work
+if (real.exists() and not real.is_dir()) or not parent.is_dir():
+    raise UserError(f"--out_dir={out}: {real if real.exists() else parent} is a file; pick another --out_dir")
+if not os.access(parent, os.W_OK):
+    raise UserError(f"--out_dir={out}: {parent} is not writable; pick another --out_dir")
+if real.exists() and any(real.iterdir()):
+    if not overwrite:
+        raise UserError(f"--out_dir={out} already exists; pass --overwrite to replace it, or pick another --out_dir")
+    stray = next((p for p in sorted(real.iterdir()) if not export_file(p)), None)
+    if stray is not None:
+        raise UserError(f"--out_dir={out} holds {stray.name}, which no export writes and --overwrite would delete "
+                        "(it replaces an earlier export only); move it out or pick another --out_dir")
 checkpoint = load_checkpoint(ckpt_path, "cpu")
 model = GPT.from_checkpoint(checkpoint, ckpt_path).eval()
 refuse_unsupported(model.config, ckpt_path)
+need = sum(p.numel() for p in model.parameters()) * getattr(torch, save_dtype).itemsize + EXTRA_BYTES
+if shutil.disk_usage(parent).free < need:
+    raise disk_full(parent, need, out)
 try:
     import safetensors  # noqa: F401  (save_pretrained writes model.safetensors with it)
     import tokenizers  # noqa: F401
@@ -719,25 +760,28 @@ except ImportError as e:
 transformers.logging.set_verbosity_error()  # its notes on generation defaults are not the user's business
 transformers.logging.disable_progress_bar()  # nor its bars over one file
 
-# Written next to out_dir and moved into place at the end: an export that fails leaves nothing behind.
+# Written next to out_dir and swapped into place at the end: an export that fails leaves the earlier one as it was.
 started = time.time()
 signal.signal(signal.SIGTERM, interrupt)
-out.parent.mkdir(parents=True, exist_ok=True)
-tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+real.parent.mkdir(parents=True, exist_ok=True)
+tmp, old = (real.with_name(f"{real.name}.{kind}{os.getpid()}") for kind in ("tmp", "old"))
 try:
     tmp.mkdir()
     write_folder(tmp, str(out), model, checkpoint, ckpt_path, save_dtype)
-    diff = check_folder(tmp, model, bool(checkpoint.get("chat")), save_dtype) if check else None
-    if out.exists():
-        old = out.with_name(f"{out.name}.old{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-    else:
-        os.replace(tmp, out)
-except BaseException:
+    diff = check_folder(tmp, model, bool(checkpoint.get("chat")), save_dtype, ckpt_path) if check else None
+    if real.exists():
+        os.replace(real, old)
+    os.replace(tmp, real)
+except BaseException as e:
+    if old.exists() and not (real.exists() and tmp.exists()):  # stopped within the swap: the earlier export returns
+        if not tmp.exists():
+            os.replace(real, tmp)
+        os.replace(old, real)
     shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(e, Exception) and full_disk(e):
+        raise disk_full(real.parent, need, out) from None
     raise
+shutil.rmtree(old, ignore_errors=True)
 c = model.config
 print(f"exported {ckpt_path} (arch={c.arch}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
       f"step {checkpoint.get('step', '?')}{', chat' if checkpoint.get('chat') else ''}) to {out}/ as "

@@ -12,7 +12,7 @@ Inference speed of the stage scripts' code paths, on random weights (speed does 
      plus the host syncs of each path where CUDA can count them.
 
     python bench/bench_inference.py --device=cpu                   # small models, the bundled 200 rows
-    python bench/bench_inference.py --data=../shared/data/hellaswag/hellaswag_val.jsonl
+    python bench/bench_inference.py --data=data/hellaswag/hellaswag_val.jsonl   # from eval_hellaswag.py --download_only
     python bench/bench_inference.py --device=cuda                  # GPT-2 124M: all 10,042 rows, 512 tokens
 
 The models are the stage scripts' own (their model section, run alone: bench/stage_code.py).
@@ -43,7 +43,7 @@ arch = "gpt2"  # one of the model section's ARCHS
 decode_models = ""  # comma-separated LAYERSxWIDTH (64-wide heads); "" = 12x768 (GPT-2 124M) on CUDA, 6x384 elsewhere
 decode_tokens = 0  # tokens decoded after the prompt; 0 = 512 on CUDA, 128 elsewhere
 decode_modes = ""  # of plain,cached,item,compiled; "" = all on CUDA, plain,cached,item elsewhere (inductor: ~1 min)
-data = ""  # HellaSwag jsonl; "" = the first of data/hellaswag/, .device_payload/, data/samples/ that exists
+data = ""  # HellaSwag jsonl; "" = data/hellaswag/hellaswag_val.jsonl if downloaded, else the 200 rows in data/samples/
 examples = 0  # HellaSwag examples scored; 0 = all in the file on CUDA, 64 elsewhere
 hellaswag_model = ""  # LAYERSxWIDTH; "" = 12x768 on CUDA, 6x384 elsewhere
 batch_size = 64  # examples per forward (data/hellaswag.py's default)
@@ -191,8 +191,7 @@ def forget_tokens():
 
 
 def bench_hellaswag(size):
-    candidates = [REPO_ROOT / "data/hellaswag/hellaswag_val.jsonl", REPO_ROOT / ".device_payload/hellaswag_val.jsonl",
-                  REPO_ROOT / "data/samples/hellaswag_val_200.jsonl"]
+    candidates = [REPO_ROOT / "data/hellaswag/hellaswag_val.jsonl", REPO_ROOT / "data/samples/hellaswag_val_200.jsonl"]
     path = data or next(p for p in candidates if p.is_file())
     rows = hellaswag.load_hellaswag(path, limit=examples or (0 if cuda else 64))
     dtype, autocast = pick_autocast(device)  # eval_hellaswag.py's: fp32 weights, bf16 autocast on CUDA

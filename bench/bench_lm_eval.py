@@ -3,7 +3,7 @@ lm-evaluation-harness next to eval_hellaswag.py, on the same HellaSwag rows, for
 ours scores the checkpoint, the harness scores its export_hf.py folder, both offline from a local file.
 
     python bench/bench_lm_eval.py --ckpt=logs/gpt2_124m --limit=500
-    python bench/bench_lm_eval.py --ckpt=logs/smoke --data=../shared/data/hellaswag/hellaswag_val.jsonl --device=cpu
+    python bench/bench_lm_eval.py --ckpt=logs/smoke --data=data/samples/hellaswag_val_200.jsonl --device=cpu
     python bench/bench_lm_eval.py --ckpt=logs/smoke --lm_eval=/path/to/venv/bin/lm_eval   # lm-eval from another env
 
 lm-eval is not a dependency of this repo: when lm_eval="" and this Python lacks it, it is installed

@@ -1,5 +1,5 @@
 """The tests import the stage scripts' modules from the repo root, run offline, and read only what
-ships in the repo (data/gpt2.tiktoken, data/samples/): never ../shared and never the network."""
+ships in the repo (data/gpt2.tiktoken, data/samples/): never data from outside it and never the network."""
 
 import os
 import sys

@@ -4,6 +4,7 @@ what cannot be expressed is refused; nothing half-written. CPU only, offline, se
 import json
 import math
 import os
+import re
 import runpy
 import signal
 import subprocess
@@ -235,30 +236,170 @@ def test_inexpressible_options_are_refused(tmp_path, options, named):
     assert not (tmp_path / "hf").exists() and not list(tmp_path.glob("hf*"))
 
 
+def earlier_export(folder):
+    """A folder of an export's files, each with its own content: what --overwrite may replace; returns the content."""
+    folder.mkdir(parents=True)
+    files = {name: f"earlier {name}".encode() for name in ("config.json", "model.safetensors", "README.md")}
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    return files
+
+
+def contents(folder):
+    return {p.name: p.read_bytes() for p in Path(folder).iterdir()}
+
+
 def test_existing_out_dir_is_kept_unless_overwrite(tmp_path):
     make_checkpoint(tmp_path / "run", "gpt2")
-    (tmp_path / "hf").mkdir()
-    (tmp_path / "hf" / "mine.txt").write_text("keep")
+    earlier = earlier_export(tmp_path / "hf")
     with pytest.raises(UserError, match="--overwrite"):
         export(f"--ckpt={tmp_path / 'run'}", f"--out_dir={tmp_path / 'hf'}")
-    assert (tmp_path / "hf" / "mine.txt").read_text() == "keep"
+    assert contents(tmp_path / "hf") == earlier
     export(f"--ckpt={tmp_path / 'run'}", f"--out_dir={tmp_path / 'hf'}", "--overwrite", "--check=False")
-    assert not (tmp_path / "hf" / "mine.txt").exists() and (tmp_path / "hf" / "model.safetensors").is_file()
+    assert (tmp_path / "hf" / "tokenizer.json").is_file() and contents(tmp_path / "hf") != earlier
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "run"]  # no temp or old folder left
 
 
-@pytest.mark.parametrize("where", ["the run dir", "above the run", "a folder holding a checkpoint"])
-def test_overwrite_never_removes_a_run_or_a_checkpoint(tmp_path, where):
+@pytest.mark.parametrize("where, message", [
+    ("the run dir", "would overwrite --ckpt="), ("above the run", "would overwrite --ckpt="),
+    ("a link to the run dir", "would overwrite --ckpt="), ("the checkpoint file", "would overwrite --ckpt="),
+    ("the repo", "would overwrite the project's code"), ("a folder holding a checkpoint", "holds ckpt_0000100.pt"),
+    ("an export with a file of the user's", "holds notes.txt"), ("a folder of folders", "holds sub")])
+def test_overwrite_never_removes_a_checkpoint_or_what_no_export_writes(tmp_path, where, message):
     make_checkpoint(tmp_path / "logs" / "run", "gpt2")
-    (tmp_path / "logs" / "run" / "metrics.jsonl").write_text("{}\n")
     (tmp_path / "other").mkdir()
     torch.save({}, tmp_path / "other" / "ckpt_0000100.pt")
+    earlier_export(tmp_path / "mine")
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    (tmp_path / "folders" / "sub").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "logs" / "run")
     out = {"the run dir": tmp_path / "logs" / "run", "above the run": tmp_path / "logs",
-           "a folder holding a checkpoint": tmp_path / "other"}[where]
-    before = sorted(p for p in tmp_path.rglob("*"))
-    with pytest.raises(UserError, match="which --overwrite would delete") as e:
+           "a link to the run dir": tmp_path / "link", "the checkpoint file": tmp_path / "logs" / "run" / "ckpt.pt",
+           "the repo": REPO_ROOT, "a folder holding a checkpoint": tmp_path / "other",
+           "an export with a file of the user's": tmp_path / "mine", "a folder of folders": tmp_path / "folders"}[where]
+    before = {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")}
+    with pytest.raises(UserError, match=message) as e:
         export(f"--ckpt={tmp_path / 'logs' / 'run'}", f"--out_dir={out}", "--overwrite", "--check=False")
-    assert "\n" not in str(e.value) and sorted(p for p in tmp_path.rglob("*")) == before
+    assert "\n" not in str(e.value) and str(e.value).endswith("pick another --out_dir")
+    assert {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")} == before
+
+
+@pytest.mark.parametrize("target", ["an earlier export", "nothing yet"])
+def test_out_dir_that_is_a_link_replaces_its_target_and_keeps_the_link(tmp_path, target):
+    make_checkpoint(tmp_path / "run", "gpt2")
+    if target == "an earlier export":
+        earlier_export(tmp_path / "exports" / "hf")
+    else:
+        (tmp_path / "exports").mkdir()
+    (tmp_path / "hf").symlink_to(tmp_path / "exports" / "hf")
+    export(f"--ckpt={tmp_path / 'run'}", f"--out_dir={tmp_path / 'hf'}", "--overwrite", "--check=False")
+    assert (tmp_path / "hf").is_symlink() and (tmp_path / "hf").resolve() == tmp_path / "exports" / "hf"
+    assert (tmp_path / "exports" / "hf" / "tokenizer.json").is_file()
+    assert b"earlier" not in (tmp_path / "exports" / "hf" / "config.json").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exports", "hf", "run"]
+    assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == ["hf"]  # no temp or old folder left
+
+
+@pytest.mark.parametrize("out", ["a loop of links", "a file", "a file, with --overwrite"])
+def test_out_dir_that_cannot_be_a_folder_is_one_line(tmp_path, out):
+    make_checkpoint(tmp_path / "run", "gpt2")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "afile").write_text("keep")
+    path = tmp_path / ("loop" if out == "a loop of links" else "afile")
+    with pytest.raises(UserError, match="cannot be followed" if out == "a loop of links" else "afile is a file") as e:
+        export(f"--ckpt={tmp_path / 'run'}", f"--out_dir={path}", *(["--overwrite"] if "--overwrite" in out else []))
+    assert "\n" not in str(e.value) and (tmp_path / "afile").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "loop", "run"]
+
+
+def save_file_on_a_full_disk(tensors, filename, metadata=None):
+    """safetensors as it fails on a full disk: part of the file written, then its own error naming the OS error."""
+    from safetensors import SafetensorError
+
+    Path(filename).write_bytes(b"\0" * 1000)
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+@pytest.mark.parametrize("where", ["the weights", "the tokenizer", "too little free before any work"])
+def test_full_disk_is_one_line_and_keeps_the_earlier_export(tmp_path, monkeypatch, where):
+    import errno
+    import shutil
+
+    make_checkpoint(tmp_path / "run", "gpt2")
+    earlier = earlier_export(tmp_path / "hf")
+    if where == "the weights":
+        monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", save_file_on_a_full_disk)
+    elif where == "the tokenizer":
+        write_text = Path.write_text
+
+        def full(path, text, *args, **kwargs):
+            if path.name == "tokenizer.json":
+                write_text(path, text[:1000], *args, **kwargs)
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            return write_text(path, text, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "write_text", full)
+    else:
+        usage = shutil.disk_usage(tmp_path)
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=2**20))
+    with pytest.raises(UserError) as e:
+        export(f"--ckpt={tmp_path / 'run'}", f"--out_dir={tmp_path / 'hf'}", "--overwrite", "--check=False")
+    match = re.fullmatch(rf"disk full: free (\d+) MB in {re.escape(str(tmp_path))} \(the export takes about (\d+) MB, "
+                         rf"(\d+) MB are free\) and export again; {re.escape(str(tmp_path / 'hf'))} is as it was",
+                         str(e.value))
+    assert match, str(e.value)
+    short, need, free = map(int, match.groups())
+    assert 13 < need < 30  # 3.3M float32 weights and the tokenizer
+    if where == "too little free before any work":
+        assert (short, free) == (need - 1, 1)
+    assert contents(tmp_path / "hf") == earlier
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "run"]  # no staging folder left
+
+
+@pytest.mark.parametrize("when", ["before the new export moves in", "after it moved in"])
+def test_interrupt_within_the_swap_puts_the_earlier_export_back(tmp_path, monkeypatch, when):
+    make_checkpoint(tmp_path / "run", "gpt2")
+    earlier = earlier_export(tmp_path / "hf")
+    replace, interrupts = os.replace, [KeyboardInterrupt]
+
+    def interrupted(a, b):
+        if Path(b) != tmp_path / "hf" or not interrupts:
+            return replace(a, b)
+        if when == "after it moved in":
+            replace(a, b)
+        raise interrupts.pop()
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export(f"--ckpt={tmp_path / 'run'}", f"--out_dir={tmp_path / 'hf'}", "--overwrite", "--check=False")
+    assert contents(tmp_path / "hf") == earlier
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "run"]
+
+
+@pytest.mark.parametrize("weights", ["nan", "finite but overflowing"])
+def test_a_model_that_cannot_run_is_refused_in_one_line(tmp_path, weights):
+    make_checkpoint(tmp_path / "run", "gpt2")
+    checkpoint = torch.load(tmp_path / "run" / "ckpt.pt")
+    if weights == "nan":
+        checkpoint["model"]["transformer.h.1.mlp.c_fc.weight"][3, 5] = float("nan")
+    else:  # each weight is finite; the logits are not
+        checkpoint["model"]["transformer.wte.weight"].fill_(3e38)
+    torch.save(checkpoint, tmp_path / "run" / "ckpt.pt")
+    with pytest.raises(UserError) as e:
+        export(f"--ckpt={tmp_path / 'run'}", f"--out_dir={tmp_path / 'hf'}")
+    message = str(e.value)
+    assert "\n" not in message and "report" not in message and "earlier checkpoint" in message
+    assert ("transformer.h.1.mlp.c_fc.weight holds NaN" if weights == "nan" else "logits are not finite") in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_out_dir_expands_the_home_tilde(tmp_path, monkeypatch):
+    make_checkpoint(tmp_path / "run", "gpt2")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    export(f"--ckpt={tmp_path / 'run'}", "--out_dir=~/exports/hf", "--check=False")
+    assert (tmp_path / "home" / "exports" / "hf" / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "run"]  # no folder named ~
 
 
 def test_sigterm_during_an_export_leaves_nothing(tmp_path):
