@@ -73,9 +73,10 @@ loader_mode = "shuffle"  # every train window once per epoch in a seeded order; 
 batch_size = 32  # micro-batch, in sequences; 32 x 1024 fits a 40 GB GPU at 124M, 64 fits 80 GB
 total_batch_size = 524288  # tokens per optimizer step: 2**19 ~ 0.5M, GPT-3 small's batch
 val_tokens = 10485760  # fixed val set: 20 * 2**19 tokens, the same ones at every eval
-# optimizer: a peak rate per group, which the schedule below scales alike; measured at widths 64-768: bench/RECIPE.md
+# optimizer: a peak rate per group, which the schedule below scales alike. Measured at widths 64-256 (bench/RECIPE.md):
+# head_lr's muP rule is the highest rate that never spikes; Muon at 0.02 ends 0.06-0.07 below 0.04 (widths 128-256)
 optimizer = "muon"  # "muon": Muon for the block matrices, AdamW for the rest; "adamw": AdamW for all (nanoGPT)
-matrix_lr = 0.04  # the block matrices: Muon's rate (torch.optim.Muon scales it by sqrt(max(1, rows/cols))), or AdamW's
+matrix_lr = 0.02  # the block matrices: Muon's rate (torch.optim.Muon scales it by sqrt(max(1, rows/cols))), or AdamW's
 embedding_lr = 0.3  # AdamW: an untied token embedding (llama), at every width
 head_lr = 0.008  # AdamW: the head, and gpt2's tied embedding+head; x lr_ref_width / n_embd at other widths (muP)
 scalar_lr = 0.03  # AdamW: the rest: gpt2's position embedding, norm gains, biases
