@@ -13,7 +13,7 @@ The data pipeline on this machine, on a .jsonl corpus prepared into shards by da
      number of tokens per seed, scored on the same val set (ValData: windows spread evenly over the whole
      val split). A CPU is slow for this, so it trains on a prefix of the train split (--train_tokens).
 
-    python bench/bench_data.py --corpus=../shared/data/python_docs/python3.11_docs.jsonl   # all four (~3.5M tokens)
+    python bench/bench_data.py --corpus=CORPUS.jsonl                     # all four, on a few million tokens of text
     python bench/bench_data.py --corpus=CORPUS.jsonl --parts=coverage,loader
     nice python bench/bench_data.py --corpus=CORPUS.jsonl --parts=learn --train_tokens=0 --n_embd=128
     python bench/bench_data.py --corpus=data/samples/fineweb_edu_100.jsonl --shard_size=20000 --repeats=1 \\
@@ -40,6 +40,7 @@ import torch
 from stage_code import REPO_ROOT  # bench/: puts the repo root on sys.path
 
 from data import UserError, one_line_errors
+from data.fineweb_edu import Malformed, read_jsonl, text_encoding
 from data.fineweb_edu import main as prep
 from data.loaders import BatchLoader
 from data.settings import check_settings, parse_settings
@@ -49,7 +50,7 @@ from data.tokenizer import get_tokenizer
 one_line_errors()
 
 # ----------------------------------------------------------------------------- settings
-corpus = ""  # a .jsonl of {"text": ...} documents, e.g. ../shared/data/python_docs/python3.11_docs.jsonl
+corpus = ""  # a .jsonl of {"text": ...} documents (required), e.g. data/samples/fineweb_edu_100.jsonl at toy sizes
 parts = "prep,loader,coverage,learn"  # which parts to run, comma-separated
 shard_size = 1_000_000  # tokens per shard of the prepared corpus: several shards, as a real dataset has
 repeats = 3  # prep: timed runs of each, the fastest reported (other processes only ever add time)
@@ -72,6 +73,8 @@ val_tokens = 65_536  # learn: the fixed val set
 learn_threads = 1  # learn: torch threads (OMP_NUM_THREADS) per training run
 
 PARTS = ("prep", "loader", "coverage", "learn")
+CORPUS_HINT = ("pass a .jsonl of {\"text\": ...} documents, e.g. --corpus=data/samples/fineweb_edu_100.jsonl "
+               "(bundled, at the toy sizes of --help's last example) or a few million tokens of text of your own")
 LOADER_CHILD = "--loader_child"  # part 2's fresh process for one loader (not a setting): this script again
 
 
@@ -119,12 +122,25 @@ def best_time(fn):
     return min(runs, key=lambda run: run[0])
 
 
+def corpus_documents():
+    """The corpus's documents as the prep reads them, without the blank ones it skips. A line it would skip as
+    malformed is a one-line error: the prep must write exactly the corpus's tokens, which part 1 checks."""
+    texts = []
+    for doc in read_jsonl(corpus, text_encoding(corpus, "--corpus", whole=False)):
+        if isinstance(doc, Malformed):
+            raise UserError(f"--corpus: {doc.where}: {doc.why} (each line must be a JSON object with a string "
+                            f"'text'); fix or drop the line")
+        texts += [doc] if doc.strip() else []
+    if not texts:
+        raise UserError(f"--corpus: {corpus} holds no documents; {CORPUS_HINT}")
+    return texts
+
+
 def bench_prep(out_dir):
-    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
-    print(f"1. prep: {corpus.name}, {len(texts)} documents, {sum(map(len, texts)) / 1e6:.1f}M characters")
+    print(f"1. prep: {corpus.name}, {len(documents)} documents, {sum(map(len, documents)) / 1e6:.1f}M characters")
     enc = get_tokenizer()  # tiktoken's own Encoding from the bundled GPT-2 ranks; its build (~0.4 s) is not timed
-    base_s, ids = best_time(lambda: enc.encode_ordinary_batch(texts, num_threads=1))
-    base_tokens = sum(map(len, ids)) + len(texts)  # + one EOT per document, as the prep writes
+    base_s, ids = best_time(lambda: enc.encode_ordinary_batch(documents, num_threads=1))
+    base_tokens = sum(map(len, ids)) + len(documents)  # + one EOT per document, as the prep writes
     print(f"  tiktoken encode_ordinary_batch, 1 process 1 thread: {base_tokens:,} tokens in {base_s:.2f}s = "
           f"{base_tokens / base_s / 1e6:.2f}M tokens/s")
     for num_proc in dict.fromkeys((os.cpu_count(), 1)):  # the prep's default, then one process
@@ -274,12 +290,13 @@ check_settings(config, positive=("shard_size", "repeats", "batch_size", "block_s
                                  "val_tokens", "learn_threads"),
                non_negative=("sparse_shards", "sparse_shard_tokens", "train_tokens", "learn_steps"))
 if not corpus:
-    raise UserError("--corpus is not set; pass a .jsonl corpus, e.g. "
-                    "--corpus=../shared/data/python_docs/python3.11_docs.jsonl")
-corpus = Path(corpus)
+    raise UserError(f"--corpus is not set; {CORPUS_HINT}")
+corpus = Path(corpus).expanduser()  # the shell leaves the ~ of --corpus=~/x alone
 if not corpus.is_file():
-    raise UserError(f"--corpus: {corpus} {'is a folder' if corpus.is_dir() else 'not found'}; pass a .jsonl corpus, "
-                    "e.g. --corpus=../shared/data/python_docs/python3.11_docs.jsonl")
+    raise UserError(f"--corpus: {corpus} {'is a folder' if corpus.is_dir() else 'not found'}; {CORPUS_HINT}")
+if corpus.suffix != ".jsonl":
+    raise UserError(f"--corpus: {corpus} is not a .jsonl file; {CORPUS_HINT}")
+documents = corpus_documents()
 part_list = parts.split(",")
 if not part_list or not set(part_list) <= set(PARTS):
     raise UserError(f"--parts={parts}: use some of {','.join(PARTS)}")

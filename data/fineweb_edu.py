@@ -16,6 +16,9 @@ comma separated) reads local files instead, all of them in sorted path order:
   .parquet  a `text` column; a null entry counts as malformed.
   .txt      one document per non-empty line (like HF's `text` loader, minus its
             empty rows); invalid UTF-8 becomes U+FFFD.
+Text files are UTF-8, or UTF-16 / UTF-32 with a byte-order mark (the mark is not
+text); a .txt (or the start of a .jsonl) with NUL bytes and no mark is refused:
+it is UTF-16 saved without one, or not text.
 Documents that are empty or only whitespace are skipped and counted.
 
 Output. Every document is tokenized with the GPT-2 BPE and gets <|endoftext|>
@@ -35,6 +38,7 @@ arguments give byte-identical files, whatever --num_proc is.
 """
 
 import argparse
+import codecs
 import glob
 import hashlib
 import json
@@ -52,13 +56,16 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from data import ArgumentParser, UserError, one_line_errors, reach_hub  # noqa: E402
-from data.shards import prep_id, staged_prep, write_manifest, write_shard  # noqa: E402
+from data.shards import prep_id, prep_out_dir, staged_prep, write_manifest, write_shard  # noqa: E402
 from data.tokenizer import EOT, get_tokenizer  # noqa: E402
 
 MADE_BY = "data/fineweb_edu.py"  # recorded in the manifest: the fix a loader names is re-running it
 HF_DATASET, HF_CONFIG = "HuggingFaceFW/fineweb-edu", "sample-10BT"
 SUFFIXES = (".jsonl", ".parquet", ".txt")
 MALFORMED_SHOWN = 5  # how many malformed records the summary names
+# UTF-32 LE's mark begins with UTF-16 LE's, so it is looked for first
+BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+        (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
 
 
 class Malformed(NamedTuple):
@@ -73,8 +80,9 @@ class Malformed(NamedTuple):
 
 
 def resolve_sources(specs):
-    """--source values (paths or globs, possibly comma separated) -> sorted list of files."""
-    files = set()
+    """--source values (paths or globs, possibly comma separated) -> sorted list of files, each once (a file
+    named twice, or by a link, would be read twice)."""
+    files = {}
     for spec in specs:
         for pattern in filter(None, (p.strip() for p in spec.split(","))):
             if glob.has_magic(pattern):
@@ -83,35 +91,67 @@ def resolve_sources(specs):
                     raise UserError(f"--source {pattern!r} matches no files")
             else:
                 matches = [Path(pattern)]
-                if not matches[0].is_file():
+                if not matches[0].exists():
                     raise UserError(f"--source {pattern}: no such file")
             for path in matches:
                 if path.is_dir():
                     raise UserError(f"--source {pattern!r} matches the folder {path}; name files, e.g. {path}/*.jsonl")
                 if path.suffix not in SUFFIXES:
                     raise UserError(f"--source {path}: unsupported file type; use {', '.join(SUFFIXES)} files")
-                files.add(path)
+                if not path.is_file():
+                    raise UserError(f"--source {path}: not a regular file (a pipe or a device); name a file")
+                files.setdefault(path.resolve(), path)
     if not files:
         raise UserError("--source names no files")
-    return sorted(files)
+    return sorted(files.values())
 
 
-def read_jsonl(path):
-    with open(path, "rb") as f:
+def text_encoding(path, setting, whole=True):
+    """The encoding of a local text source: the one its byte-order mark names, else UTF-8. Without a mark, NUL
+    bytes are refused: UTF-8 text has none, and UTF-16 saved without a mark has one beside every ASCII letter,
+    which decoding as UTF-8 would tokenize. whole=False looks at the start only: enough to tell UTF-16, and a
+    .jsonl's parser judges each of its lines anyway."""
+    try:
+        with open(path, "rb") as f:
+            block = f.read(1 << 16)
+            for bom, encoding in BOMS:
+                if block.startswith(bom):
+                    return encoding
+            while block:
+                if b"\0" in block:
+                    raise UserError(f"{setting} {path}: holds NUL bytes and no byte-order mark, so it is not UTF-8 "
+                                    "text (UTF-16 without a BOM, or binary); save it as UTF-8")
+                block = f.read(1 << 20) if whole else b""
+    except OSError as e:
+        raise UserError(f"{setting} {path}: cannot read it ({e.strerror})") from None
+    return "utf-8-sig"
+
+
+def json_lines(path, encoding):
+    """(line number, record or None if the line is not valid JSON) for each non-blank line of a .jsonl file."""
+    # UTF-8 lines reach the parser as bytes, so a line of bad UTF-8 is one malformed line; UTF-16 and UTF-32
+    # cannot be cut into lines at b"\n", so those files are decoded first (a bad code unit becomes U+FFFD)
+    utf8 = encoding.startswith("utf-8")
+    with open(path, "rb") if utf8 else open(path, encoding=encoding, errors="replace", newline="\n") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield lineno, json.loads(line)
             except (ValueError, RecursionError):  # bad JSON or bad UTF-8
-                yield Malformed(f"{path}:{lineno}", "not valid JSON")
-                continue
-            if not isinstance(record, dict):
-                yield Malformed(f"{path}:{lineno}", "not a JSON object")
-            elif not isinstance(record.get("text"), str):
-                yield Malformed(f"{path}:{lineno}", "no string 'text' field")
-            else:
-                yield record["text"]
+                yield lineno, None
+
+
+def read_jsonl(path, encoding="utf-8-sig"):
+    for lineno, record in json_lines(path, encoding):
+        if record is None:
+            yield Malformed(f"{path}:{lineno}", "not valid JSON")
+        elif not isinstance(record, dict):
+            yield Malformed(f"{path}:{lineno}", "not a JSON object")
+        elif not isinstance(record.get("text"), str):
+            yield Malformed(f"{path}:{lineno}", "no string 'text' field")
+        else:
+            yield record["text"]
 
 
 def read_parquet(path):
@@ -124,8 +164,8 @@ def read_parquet(path):
             row += 1
 
 
-def read_txt(path):
-    with open(path, encoding="utf-8-sig", errors="replace") as f:  # -sig: a byte-order mark is not text
+def read_txt(path, encoding="utf-8-sig"):
+    with open(path, encoding=encoding, errors="replace") as f:
         for line in f:
             if line.strip():
                 yield line.rstrip("\n")
@@ -137,7 +177,10 @@ def read_txt(path):
 
 
 def open_files(files):
+    encodings = {}
     for path in files:
+        if path.suffix in (".txt", ".jsonl"):
+            encodings[path] = text_encoding(path, "--source", whole=path.suffix == ".txt")
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq
 
@@ -147,8 +190,13 @@ def open_files(files):
                 raise UserError(f"{path}: not a readable parquet file ({' '.join(str(e).split())[:150]})") from None
             if "text" not in columns:
                 raise UserError(f"{path}: no 'text' column (columns: {', '.join(columns)})")
-    readers = {".jsonl": read_jsonl, ".parquet": read_parquet, ".txt": read_txt}
-    return (doc for path in files for doc in readers[path.suffix](path))
+
+    def read(path):
+        if path.suffix == ".parquet":
+            return read_parquet(path)
+        return (read_txt if path.suffix == ".txt" else read_jsonl)(path, encodings[path])
+
+    return (doc for path in files for doc in read(path))
 
 
 def open_hub():
@@ -224,9 +272,13 @@ def chunked(docs, n):
 class ShardWriter:
     """Packs one split's documents into shards of exactly shard_size tokens."""
 
+    GROW_FROM = 1 << 20  # tokens: the buffer starts here and doubles up to shard_size
+
     def __init__(self, out_dir, split, shard_size, prep_id):
-        self.out_dir, self.split, self.prep_id = out_dir, split, prep_id
-        self.buf = np.empty(shard_size, dtype=np.uint16)  # untouched pages cost no memory
+        self.out_dir, self.split, self.prep_id, self.shard_size = out_dir, split, prep_id, shard_size
+        # grown as the tokens come: a buffer of shard_size up front is 8 GB of address space for both splits at
+        # the largest --shard_size, which a machine with little memory refuses however small the corpus
+        self.buf = np.empty(min(shard_size, self.GROW_FROM), dtype=np.uint16)
         self.fill = 0
         self.docs = self.tokens = 0
         self.written = {}  # name -> manifest entry
@@ -235,11 +287,15 @@ class ShardWriter:
         self.docs += 1
         self.tokens += len(tokens)
         while len(tokens):
+            if self.fill == len(self.buf):  # only while it is smaller than a shard: a full shard is flushed below
+                grown = np.empty(min(2 * len(self.buf), self.shard_size), dtype=np.uint16)
+                grown[: self.fill] = self.buf[: self.fill]
+                self.buf = grown
             n = min(len(tokens), len(self.buf) - self.fill)
             self.buf[self.fill : self.fill + n] = tokens[:n]
             self.fill += n
             tokens = tokens[n:]
-            if self.fill == len(self.buf):
+            if self.fill == self.shard_size:
                 self.flush()
 
     def flush(self):
@@ -268,7 +324,7 @@ def parse_args(argv):
     parser.add_argument("--source", action="append", default=[],
                         help=f"local .jsonl/.parquet/.txt files or globs (repeat or comma separate); "
                              f"default: stream {HF_DATASET} {HF_CONFIG}")
-    parser.add_argument("--out_dir", default="data/fineweb_edu", help="where the shards go")
+    parser.add_argument("--out_dir", default="data/fineweb_edu", type=os.path.expanduser, help="where the shards go")
     parser.add_argument("--shard_size", type=count, default=100_000_000, help="tokens per shard")
     parser.add_argument("--max_tokens", type=count, default=0,
                         help="stop after the document that brings the total to this many tokens (0: no limit)")
@@ -281,6 +337,8 @@ def parse_args(argv):
     # small enough that a corpus of a few hundred documents still spreads over the workers
     parser.add_argument("--chunk_docs", type=int, default=64, help="documents per worker task")
     args = parser.parse_args(argv)
+    # the shell leaves the ~ of --source=~/x alone, and the manifest should record the path that was read
+    args.source = [",".join(os.path.expanduser(p.strip()) for p in spec.split(",")) for spec in args.source]
     if not 0 < args.shard_size < 2**31:
         raise UserError(f"--shard_size {args.shard_size}: must be in 1 .. 2**31-1 (a shard's count is an int32)")
     if not 0 <= args.seed < 2**32:
@@ -298,7 +356,9 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    docs = open_files(resolve_sources(args.source)) if args.source else open_hub()
+    files = resolve_sources(args.source) if args.source else []
+    prep_out_dir(args.out_dir, [(path, "--source") for path in files])
+    docs = open_files(files) if files else open_hub()
     out_dir = Path(args.out_dir)
     get_tokenizer()  # fail here, not in a worker, if the BPE files cannot be loaded; forked workers inherit it
     # what fixes the output (not --out_dir, --num_proc, --chunk_docs): the manifest and prep id record it

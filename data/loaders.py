@@ -10,12 +10,29 @@ together), so a checkpoint resumes the exact batch order, and rank r of W takes
 micro-batches r, r+W, r+2W, ...: 2 ranks x 1 micro-step see what 1 rank x 2 micro-steps see.
 """
 
+import os
+
 import numpy as np
 import torch
 
 from data import UserError
-from data.shards import HEADER_BYTES, list_shards, read_examples, read_header
+from data.shards import (
+    HEADER_BYTES,
+    check_prep_stamp,
+    list_shards,
+    prep_stamp,
+    read_examples,
+    read_header,
+    reprepared,
+)
 from data.tokenizer import EOT, VOCAB_SIZE, reply_mask
+
+OPENED = "run the command again"  # the fix when a prep swapped data_dir while a loader was being built
+RESUME = "resume: python {script} --out_dir=<this run's out_dir> --init_from=resume"  # ... and mid-run
+
+
+def _file_id(st):
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _to_device(buf, device):
@@ -32,11 +49,26 @@ class ShardReader:
 
     A long-lived np.memmap makes RSS grow with every page touched (nanoGPT #287);
     reads through open file handles leave the data in the OS page cache instead.
+
+    A prep into data_dir meanwhile swaps in other shards under the same names. An open handle keeps
+    reading the file it opened, and each shard is opened on first use only if it is still the file
+    validated at the start (os.fstat of the new handle against the identity recorded then), so no
+    batch mixes two preps; check_prep() notices the new prep even when every shard is open already.
+    fix: what the error says to do once the prep is done.
     """
 
-    def __init__(self, data_dir, split, min_tokens=1):
-        self.files = list_shards(data_dir, split)
-        self.sizes = np.array([read_header(f) for f in self.files], dtype=np.int64)
+    def __init__(self, data_dir, split, min_tokens=1, fix=OPENED):
+        self.data_dir, self.fix = data_dir, fix
+        self.stamp = prep_stamp(data_dir)
+        try:
+            self.files = list_shards(data_dir, split)
+            self.sizes = np.array([read_header(f) for f in self.files], dtype=np.int64)
+            self._ids = [_file_id(os.stat(f)) for f in self.files]
+        except (UserError, OSError):  # a prep that swapped in midway explains a mismatch better
+            check_prep_stamp(data_dir, self.stamp, OPENED, when="while this run opened it")
+            raise
+        # bracketed by two stamps, so the files checked, sized and identified above are one prep's
+        check_prep_stamp(data_dir, self.stamp, OPENED, when="while this run opened it")
         if self.sizes.sum() < min_tokens:
             raise UserError(
                 f"the {split} shards in {data_dir} hold {self.sizes.sum():,} tokens, fewer than the {min_tokens:,} "
@@ -45,14 +77,32 @@ class ShardReader:
         self.starts = np.concatenate([[0], np.cumsum(self.sizes)])  # global offset of each shard
         self._handles = {}
 
+    def check_prep(self):
+        """Refuse to read on once data_dir holds another prep than the one this reader opened (one stat)."""
+        check_prep_stamp(self.data_dir, self.stamp, self.fix)
+
     def read(self, shard, offset, out):
         """Fill the uint16 array `out` from `shard` starting at token `offset`."""
         f = self._handles.get(shard)
         if f is None:
-            f = self._handles[shard] = open(self.files[shard], "rb", buffering=0)
+            f = self._open(shard)
         f.seek(HEADER_BYTES + 2 * int(offset))
         if f.readinto(memoryview(out).cast("B")) != out.nbytes:
             raise UserError(f"{self.files[shard]}: short read at token {offset}; the shard changed on disk")
+
+    def _open(self, shard):
+        path = self.files[shard]
+        try:
+            f = open(path, "rb", buffering=0)
+        except OSError as e:
+            self.check_prep()
+            raise UserError(f"cannot open {path} ({e.strerror}), though it was there when this run started; "
+                            f"{self.fix}") from None
+        if _file_id(os.fstat(f.fileno())) != self._ids[shard]:
+            f.close()
+            raise reprepared(self.data_dir, self.fix, changed=path.name)
+        self._handles[shard] = f
+        return f
 
     def read_span(self, start, out):
         """Fill `out` from the concatenated split stream starting at global token `start` (may cross shards)."""
@@ -146,7 +196,8 @@ class BatchLoader:
             raise UserError(f"loader_mode={mode!r}: use 'shuffle', 'random' or 'sequential'")
         self.B, self.T, self.seed, self.mode = batch_size, block_size, seed, mode
         self.rank, self.world_size, self.device = rank, world_size, device
-        self.reader = ShardReader(data_dir, split, min_tokens=batch_size * block_size + 1)
+        self.reader = ShardReader(data_dir, split, min_tokens=batch_size * block_size + 1,
+                                  fix=RESUME.format(script="train_gpt.py"))
         # shuffle: windows at stride T; their number also defines an epoch in every mode
         self.shard_windows = np.maximum(self.reader.sizes - 1, 0) // block_size
         self.cum_windows = np.cumsum(self.shard_windows)
@@ -193,6 +244,9 @@ class BatchLoader:
         return shards, (picks[k] - (self.cum_windows[shards] - self.shard_windows[shards])) * self.T
 
     def next_batch(self):
+        # one stat a batch, as dear as one window's read: a prep into data_dir stops the run at the next batch,
+        # not whenever a shard is first opened (never, once all are)
+        self.reader.check_prep()
         index = self.position + self.rank
         self.position += self.world_size
         buf = np.empty((self.B, self.T + 1), dtype=np.uint16)
@@ -280,7 +334,9 @@ class ExampleLoader:
     BatchLoader does), so the order follows from (seed, step) and the state is one counter."""
 
     def __init__(self, data_dir, split, batch_size, block_size, seed=0, rank=0, world_size=1, device="cpu"):
+        self.data_dir, self.stamp = data_dir, prep_stamp(data_dir)
         self.tokens, self.offsets = read_examples(data_dir, split)
+        check_prep_stamp(data_dir, self.stamp, OPENED, when="while this run opened it")
         self.n = len(self.offsets) - 1
         # which examples keep a reply token within their first T + 1 (each starts with <|endoftext|>, a special
         # token, so reply_mask over the whole split is each example's own)
@@ -305,6 +361,9 @@ class ExampleLoader:
         return torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device)
 
     def next_batch(self):
+        # the examples are in memory, but the run's checkpoint names data_dir: stop before the run and its
+        # resume train on two preps (one stat a batch)
+        check_prep_stamp(self.data_dir, self.stamp, RESUME.format(script="finetune_sft.py"))
         index = self.position + self.rank
         self.position += self.world_size
         picks = []

@@ -7,7 +7,8 @@ three sources, filtered, deduplicated, split into train and val, and tokenized w
     python data/sft_mix.py --smoltalk=smol-smoltalk.parquet --alpaca=alpaca_data_cleaned.json --weights=alpaca=0.5
 
 Sources (--sources picks them; default all three). Each is downloaded unless --NAME PATH names a
-local copy: a .jsonl (one object per line), .json (a list of objects) or .parquet file.
+local copy: a .jsonl (one object per line), .json (a list of objects) or .parquet file. Text files are
+UTF-8, or UTF-16 / UTF-32 with a byte-order mark.
   smoltalk  HuggingFaceTB/smol-smoltalk, the bulk of the mix: `messages`, a list of {role, content}.
             A leading system message is joined to the first user message (system + "\n\n" + user),
             since the template has no system slot.
@@ -44,6 +45,7 @@ The same inputs and arguments give byte-identical files.
 import hashlib
 import json
 import math
+import os
 import sys
 import urllib.request
 from pathlib import Path
@@ -54,8 +56,8 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from data import ArgumentParser, UserError, one_line_errors, reach_hub  # noqa: E402
-from data.fineweb_edu import as_tokenized  # noqa: E402
-from data.shards import prep_id, staged_prep, write_examples, write_manifest  # noqa: E402
+from data.fineweb_edu import as_tokenized, json_lines, text_encoding  # noqa: E402
+from data.shards import prep_id, prep_out_dir, staged_prep, write_examples, write_manifest  # noqa: E402
 from data.tokenizer import EOT, render_chat  # noqa: E402
 
 MADE_BY = "data/sft_mix.py"  # recorded in the manifest: the fix a loader names is re-running it
@@ -77,6 +79,8 @@ REASONS = ("malformed", "empty", "too_long_chars", "duplicate", "too_long_tokens
 def read_local(source, path):
     """The rows of a local file; a line of a .jsonl file that is not valid JSON becomes None (malformed)."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"--{source} {path}: a folder; name the file in it (expected {SCHEMA[source]})")
     if not path.is_file():
         raise UserError(f"--{source} {path}: no such file (expected {SCHEMA[source]})")
     if path.suffix == ".parquet":
@@ -93,23 +97,19 @@ def read_local(source, path):
         return (row for batch in pq.ParquetFile(path).iter_batches(columns=list(FIELDS[source]), batch_size=1024)
                 for row in batch.to_pylist())
     if path.suffix == ".json":
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
+        try:  # from bytes, the parser reads UTF-8, -16 and -32, with or without a byte-order mark
+            rows = json.loads(path.read_bytes())
+        except OSError as e:
+            raise UserError(f"--{source} {path}: cannot read it ({e.strerror})") from None
+        except (ValueError, RecursionError) as e:  # bad JSON or bad UTF-8
             raise UserError(f"{path}: not valid JSON ({e}); a {source} file needs {SCHEMA[source]}") from None
         if not isinstance(rows, list):
             raise UserError(f"{path}: a .json source must hold a list of objects with {SCHEMA[source]}")
         return rows
     if path.suffix == ".jsonl":
-        return (parse_line(line) for line in open(path, "rb") if line.strip())
+        encoding = text_encoding(path, f"--{source}", whole=False)
+        return (record for _, record in json_lines(path, encoding))
     raise UserError(f"--{source} {path}: unsupported file type; use .jsonl, .json or .parquet")
-
-
-def parse_line(line):
-    try:
-        return json.loads(line)
-    except (ValueError, RecursionError):  # bad JSON or bad UTF-8
-        return None
 
 
 def download(source):
@@ -195,6 +195,8 @@ def collect(source, rows, name, args, seen):
         else:
             seen.add(key)
             examples.append(ids)
+    if not counts["rows"]:
+        raise UserError(f"{name}: no rows (an empty file?); a {source} file needs {SCHEMA[source]}")
     if counts["malformed"] == counts["rows"]:
         raise UserError(f"{name}: {counts['rows']} rows, none with the {source} fields {SCHEMA[source]}")
     counts["kept"] = len(examples)
@@ -207,10 +209,10 @@ def collect(source, rows, name, args, seen):
 def parse_args(argv):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--sources", default=",".join(SOURCES), help="comma separated, from " + ", ".join(SOURCES))
-    for source in SOURCES:
-        parser.add_argument(f"--{source}", default="", metavar="PATH",
+    for source in SOURCES:  # type: the shell leaves the ~ of --raschka=~/x alone
+        parser.add_argument(f"--{source}", default="", metavar="PATH", type=os.path.expanduser,
                             help=f"local .jsonl/.json/.parquet copy of {source}; default: download it")
-    parser.add_argument("--out_dir", default="data/sft", help="where the splits go")
+    parser.add_argument("--out_dir", default="data/sft", type=os.path.expanduser, help="where the splits go")
     parser.add_argument("--multi_turn", action="store_true", help="whole conversations, not their first exchange")
     parser.add_argument("--max_prompt_tokens", type=int, default=300, help="drop pairs with a longer prompt")
     parser.add_argument("--max_response_tokens", type=int, default=300, help="drop pairs with a longer response")
@@ -225,7 +227,8 @@ def parse_args(argv):
         raise UserError(f"--seed {args.seed}: must lie in [0, 2**32) (numpy's seeds)")
     if not 0 < args.val_fraction < 1:
         raise UserError(f"--val_fraction {args.val_fraction}: must lie between 0 and 1")
-    args.sources = [s.strip() for s in args.sources.split(",") if s.strip()]
+    # a source named twice would put copies of its examples in both splits
+    args.sources = list(dict.fromkeys(s.strip() for s in args.sources.split(",") if s.strip()))
     unknown = [s for s in args.sources if s not in SOURCES]
     if unknown or not args.sources:
         raise UserError(f"--sources {','.join(args.sources)}: use one or more of {', '.join(SOURCES)}")
@@ -256,6 +259,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    prep_out_dir(args.out_dir, [(getattr(args, s), f"--{s}") for s in args.sources if getattr(args, s)])
     seen, examples, stats = set(), {}, {}
     for source in args.sources:
         path = getattr(args, source)
@@ -277,6 +281,9 @@ def main(argv=None):
                         f"split ({dropped})")
     pool = [pool[i] for i in rng.permutation(len(pool))]
     n_val = max(1, round(args.val_fraction * len(pool)))
+    if n_val == len(pool):
+        raise UserError(f"--val_fraction={args.val_fraction:g} holds out all {len(pool)} examples as val, leaving "
+                        f"none to train on; lower it below {(len(pool) - 0.5) / len(pool):.3g}, or give more examples")
     val = [examples[s][i] for s, i in pool[:n_val]]
     train = []
     for source in args.sources:

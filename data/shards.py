@@ -19,18 +19,20 @@ prep), so a half-deleted dir or a mix of two runs' shards never trains silently.
 """
 
 import contextlib
+import errno
 import functools
 import hashlib
 import io
 import json
 import os
+import re
 import shlex
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from data import UserError
+from data import UserError, refuse_clobber
 from data.tokenizer import ASSISTANT, BPE_SHA256, EOT, PAT_STR, TOKENIZER, USER, VOCAB_SIZE
 
 PREPARE_HINT = "python data/fineweb_edu.py --out_dir {dir}"
@@ -93,14 +95,20 @@ def _write_atomic(path, chunks):
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     digest, size = hashlib.sha256(), 0
-    with open(tmp, "wb") as f:
-        for chunk in chunks:
-            f.write(chunk)
-            digest.update(chunk)
-            size += memoryview(chunk).nbytes
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+                digest.update(chunk)
+                size += memoryview(chunk).nbytes
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # write() and fsync() name no file; the message should
+            e.filename = str(path)
+        raise
     return {"bytes": size, "sha256": digest.hexdigest()}
 
 
@@ -125,12 +133,17 @@ def _tokenizer_name(header):
 
 def read_header(path, prep_id=None):
     """Validate a shard's header and size (and its prep id, when given); return its number of tokens."""
-    path = Path(path)
-    size = path.stat().st_size
+    with open(path, "rb") as f:
+        return _check_header(f, Path(path), prep_id)
+
+
+def _check_header(f, path, prep_id):
+    """read_header on the open file f: its size and its header come from one file, even if path is replaced."""
+    size = os.fstat(f.fileno()).st_size
     fix = lambda: f"re-run the data prep: {prep_command(path.parent)}"  # the manifest is read only on error
     if size < HEADER_BYTES:
         raise UserError(f"{path}: {size} bytes, shorter than the {HEADER_BYTES}-byte header; {fix()}")
-    header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    header = np.frombuffer(f.read(HEADER_BYTES), dtype=np.int32)
     if header[0] != MAGIC:
         raise UserError(f"{path}: magic number {header[0]} is not {MAGIC}, so this is not a .bin token shard; {fix()}")
     if header[1] != VERSION:
@@ -157,9 +170,9 @@ def read_header(path, prep_id=None):
 
 def read_shard(path, prep_id=None):
     """All tokens of a shard as a uint16 array (read into memory, not memory-mapped), ids checked."""
-    ntok = read_header(path, prep_id)
+    path = Path(path)
     with open(path, "rb") as f:
-        f.seek(HEADER_BYTES)
+        ntok = _check_header(f, path, prep_id)
         tokens = np.fromfile(f, dtype=np.uint16, count=ntok)
     if ntok and tokens.max() >= VOCAB_SIZE:
         i = int(np.argmax(tokens >= VOCAB_SIZE))
@@ -181,16 +194,95 @@ def split_files(data_dir, split):
     return sorted(p.name for p in Path(data_dir).glob(f"{split}_*") if _in_split(p.name, split))
 
 
+def _split_file(name):
+    """A split's file, or one half written: what a prep replaces, and what is stale when it writes no such file."""
+    return (_in_split(name, "train") or _in_split(name, "val")
+            or (name.startswith(("train_", "val_")) and name.endswith(".tmp")))
+
+
+def _prep_own(name):
+    """A file a prep writes into its folder; any other file of out_dir is the user's and moves along."""
+    return _split_file(name) or name in (MANIFEST, MANIFEST + ".tmp", "summary.json")
+
+
+def prep_out_dir(out_dir, reads=()):
+    """The real folder (links followed) that a prep into out_dir replaces whole, refused before the prep runs
+    where that would lose something: out_dir is a file, the current dir or holds it (the shell would be left in
+    a deleted folder), a mount point (it cannot be swapped), or is or holds an input (data.refuse_clobber;
+    reads: (path, setting) pairs). A link keeps pointing at the new contents."""
+    try:
+        real = Path(out_dir).expanduser().resolve()
+    except (RuntimeError, OSError):  # Python 3.11 raises RuntimeError for a loop of links, later ones OSError
+        raise UserError(f"--out_dir={out_dir} is a loop of symbolic links; point it at a folder") from None
+    if real.exists() and not real.is_dir():
+        raise UserError(f"--out_dir={out_dir} is a file; pick a folder")
+    above = next(p for p in real.parents if p.exists())
+    if not above.is_dir():
+        raise UserError(f"--out_dir={out_dir} lies under {above}, which is a file; pick a folder")
+    cwd = Path.cwd().resolve()
+    if real == cwd or real in cwd.parents:
+        raise UserError(f"--out_dir={out_dir} is the current dir{'' if real == cwd else ' or holds it'}: a prep "
+                        "replaces its out_dir whole; pick a folder of its own, e.g. --out_dir=shards")
+    if real.is_dir() and os.path.ismount(real):
+        raise UserError(f"--out_dir={out_dir} is a mount point, which a prep cannot replace whole; pick a folder "
+                        f"inside it, e.g. --out_dir={Path(out_dir) / 'shards'}")
+    refuse_clobber([(out_dir, "--out_dir", True)], reads)
+    return real
+
+
+def _beside(out_dir, kind):
+    """The folders of this kind ("new": a prep's stage, "old": an earlier prep being swapped out) beside out_dir.
+    Matched by name, not glob: an out_dir named like a pattern (run[1]) must not match another's folders."""
+    pattern = re.compile(re.escape(f".{out_dir.name}.{kind}") + r"\d+")
+    return sorted(p for p in out_dir.parent.iterdir() if pattern.fullmatch(p.name))
+
+
+def _clear_beside(out_dir):
+    """Undo what a prep that stopped before or during its swap (an error, or killed outright) left beside out_dir:
+    an earlier prep moved aside comes back, the user's files go back into out_dir, and the rest, the prep's own
+    files, is removed. A folder that still holds a file of the user's is never removed."""
+    olds, news = _beside(out_dir, "old"), _beside(out_dir, "new")
+    if olds and not out_dir.exists():  # stopped between the swap's two renames: the earlier prep is the one to keep
+        os.replace(olds.pop(), out_dir)
+    for left in (*news, *olds):
+        for path in sorted(left.iterdir()):
+            if _prep_own(path.name):
+                continue
+            if (out_dir / path.name).exists() or (out_dir / path.name).is_symlink():
+                raise UserError(f"{path} was moved there by a prep that was interrupted, and {out_dir} now has a "
+                                f"{path.name} too; move one of them elsewhere and re-run")
+            out_dir.mkdir(exist_ok=True)
+            os.replace(path, out_dir / path.name)
+        shutil.rmtree(left)
+
+
+def _write_error(e, out_dir, stage):
+    """A one-line error for an OSError met while a prep wrote (or read) its files: which file, why, what to do."""
+    kept = f"{out_dir} is as it was" if out_dir.exists() else f"nothing was written to {out_dir}"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        written = sum(p.stat().st_size for p in stage.rglob("*") if p.is_file()) if stage.is_dir() else 0
+        free = shutil.disk_usage(out_dir.parent).free
+        return UserError(f"disk full: free more than {max(1, -(-written // 10**6)):,} MB in {out_dir.parent} (this "
+                         f"prep had written {written / 1e6:,.1f} MB beside {out_dir.name} when it ran out"
+                         f"{f' writing {e.filename}' if e.filename else ''}; {free / 1e6:,.0f} MB free now), or pick "
+                         f"an --out_dir on a disk with room, and re-run; {kept}")
+    names = [n for n in (e.filename, e.filename2) if n]
+    reason = e.strerror or " ".join(str(e).split())[:200] or type(e).__name__
+    if names and any(Path(n).parent in (stage, out_dir, out_dir.parent) for n in names):
+        return UserError(f"cannot write {' -> '.join(map(str, names))} ({reason}); {kept}")
+    return UserError(f"{' -> '.join(map(str, names)) + ': ' if names else ''}{reason}; the prep stopped and {kept}")
+
+
 @contextlib.contextmanager
 def staged_prep(out_dir):
     """The folder a prep writes, beside out_dir, swapped in whole when the prep is done: a prep that is
     refused, fails or is interrupted leaves out_dir as it was, so the last complete prep stays usable. A
     second prep into the same out_dir meanwhile is refused. Files of out_dir that are not a prep's own
-    (its splits, manifest.json, summary.json) move along. Yields (folder, stale): stale receives, at the
-    swap, the names of the split files of the earlier prep that the new one does not have."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out_dir={out_dir} is a file; pick a folder")
+    (its splits, manifest.json, summary.json) move along, and come back if the prep stops mid-swap. A link
+    out_dir is followed: its target is swapped, and the link stays. An OSError while writing (a full disk)
+    is a one-line error. Yields (folder, stale): stale receives, at the swap, the names of the split files
+    of the earlier prep that the new one does not have."""
+    out_dir = prep_out_dir(out_dir)
     lock_path = out_dir.with_name(f".{out_dir.name}.lock")
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -207,29 +299,27 @@ def staged_prep(out_dir):
         except OSError:  # the lock file stays: it is the other prep's
             raise UserError(f"another prep is writing {out_dir} now (it holds {lock_path}); wait for it to "
                             "end") from None
-        for left in (*out_dir.parent.glob(f".{out_dir.name}.new*"), *out_dir.parent.glob(f".{out_dir.name}.old*")):
-            shutil.rmtree(left, ignore_errors=True)  # left by a prep killed outright
         stage, stale = out_dir.with_name(f".{out_dir.name}.new{os.getpid()}"), []
-        stage.mkdir()
         try:
+            _clear_beside(out_dir)  # what a prep killed outright left
+            stage.mkdir()
             yield stage, stale
             if out_dir.is_dir():
                 new = set(os.listdir(stage))
                 for path in sorted(out_dir.iterdir()):
-                    name = path.name
-                    if _in_split(name, "train") or _in_split(name, "val") or (
-                            name.startswith(("train_", "val_")) and name.endswith(".tmp")):
-                        stale += [] if name in new else [name]
-                    elif name not in (MANIFEST, "summary.json"):
-                        os.replace(path, stage / name)  # not the prep's: it stays
-                old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
-                os.replace(out_dir, old)
-                os.replace(stage, out_dir)
-                shutil.rmtree(old)
-            else:
-                os.replace(stage, out_dir)
+                    if not _prep_own(path.name):
+                        os.replace(path, stage / path.name)  # not the prep's: it stays
+                    elif _split_file(path.name) and path.name not in new:
+                        stale.append(path.name)
+                os.replace(out_dir, out_dir.with_name(f".{out_dir.name}.old{os.getpid()}"))
+            os.replace(stage, out_dir)
+        except BrokenPipeError:  # stdout closed early: one_line_errors() ends the process quietly
+            raise
+        except OSError as e:
+            raise _write_error(e, out_dir, stage) from None
         finally:
-            shutil.rmtree(stage, ignore_errors=True)
+            with contextlib.suppress(OSError, UserError):  # what cannot be cleared now, the next prep clears
+                _clear_beside(out_dir)
             lock_path.unlink(missing_ok=True)
 
 
@@ -308,6 +398,29 @@ def check_split(data_dir, split, manifest):
             read_header(data_dir / name, manifest["prep_id"])
 
 
+def prep_stamp(data_dir):
+    """What tells the prep now in data_dir from any later one, for one stat: its manifest file's identity. A
+    prep writes a new manifest file and swaps its folder in whole, so a later prep's manifest is another file
+    (another inode, size or mtime), and reading the shards changes none of these. None: no manifest now."""
+    try:
+        st = os.stat(Path(data_dir) / MANIFEST)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def reprepared(data_dir, fix, when="during the run", changed=MANIFEST):
+    """The error for a data_dir that a prep replaced while a reader had it open; fix: what to do once it is done."""
+    return UserError(f"{data_dir} was re-prepared {when} (its {changed} is another file now), so its shards are no "
+                     f"longer the ones this run opened; once the prep is done, {fix}")
+
+
+def check_prep_stamp(data_dir, stamp, fix, when="during the run"):
+    """Refuse a data_dir whose prep is no longer the one stamped (prep_stamp) when it was opened."""
+    if prep_stamp(data_dir) != stamp:
+        raise reprepared(data_dir, fix, when)
+
+
 def list_shards(data_dir, split):
     """The sorted `{split}_NNNNNN.bin` files in data_dir, checked against its manifest (see check_split),
     or a clear error with the command that makes them."""
@@ -344,6 +457,17 @@ def write_examples(out_dir, split, examples, prep_id=0):
 def read_examples(data_dir, split):
     """(tokens, offsets) of a split written by write_examples, checked against the manifest and each other."""
     data_dir = Path(data_dir)
+    stamp = prep_stamp(data_dir)  # the shards, the offsets and the manifest must all be one prep's
+    try:
+        tokens, offsets = _read_examples(data_dir, split)
+    except (UserError, OSError):  # a prep that swapped in midway explains a mismatch better
+        check_prep_stamp(data_dir, stamp, "run the command again", when="while it was read")
+        raise
+    check_prep_stamp(data_dir, stamp, "run the command again", when="while it was read")
+    return tokens, offsets
+
+
+def _read_examples(data_dir, split):
     path = data_dir / f"{split}_offsets.npy"
     if not path.is_file() and not (data_dir / MANIFEST).is_file():
         raise UserError(f"no {path.name} in {data_dir}; prepare the examples with: "
