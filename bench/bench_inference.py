@@ -150,7 +150,7 @@ def bench_decode(size):
 
 
 def old_ending_losses(model, rows, device):
-    """data/hellaswag.py's ending_losses before the fast path (commit 425b780): boolean-mask indexing."""
+    """The plain way to score endings, the baseline of data/hellaswag.py's ending_losses: boolean-mask indexing."""
     width = max(len(tokens) for tokens, _ in rows) - 1
     x = np.full((len(rows), width), EOT, dtype=np.int64)
     y = np.full((len(rows), width), -1, dtype=np.int64)

@@ -20,7 +20,7 @@ from pathlib import Path
 if not __package__:  # run as a script: data/ is not a package on the path yet
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data import ArgumentParser, UserError, one_line_errors  # noqa: E402
+from data import ArgumentParser, UserError, one_line_errors, refuse_clobber  # noqa: E402
 
 # (title, [(metrics.jsonl key, legend suffix)], zoom): one panel each, for the metrics a run measured. zoom: the
 # y range leaves out the first 10% of train steps (the loss starts near ln(50304) = 10.8 and would flatten
@@ -172,6 +172,7 @@ def main(argv=None):
     if not args.out and len(args.runs) > 1:
         raise UserError("several runs need --out=PICTURE.png (one run's picture defaults to RUN/curves.png)")
     out = Path(args.out or Path(args.runs[0]) / "curves.png")
+    refuse_clobber([(out, "--out", False)], [(Path(run) / "metrics.jsonl", "the metrics of") for run in args.runs])
     if not out.resolve().parent.is_dir():
         raise UserError(f"--out={out}: the folder {out.parent} does not exist; make it first")
     try:

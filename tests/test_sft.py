@@ -452,7 +452,9 @@ def test_a_nan_after_resume_keeps_the_good_checkpoint(raschka_mix, full_and_shor
     before = hashlib.sha256((broken / "ckpt.pt").read_bytes()).hexdigest()
     (proc, stdout, _), = finish(start("resume", raschka_mix, broken, "--max_iters=4", "--lr_scale=1e30",
                                       "--checkpoint_interval=1", *RESUME_ARGS), check=False)
-    # the step after the resume breaks the weights: the run stops before it checkpoints them
+    # the new lr_scale applies, and the log says so; the step after the resume breaks the weights: the run
+    # stops before it checkpoints them
+    assert "apply from here: lr_scale 1.0 -> 1e+30" in stdout
     assert proc.returncode == 1 and "last good checkpoint" in stdout
     assert hashlib.sha256((broken / "ckpt.pt").read_bytes()).hexdigest() == before
 

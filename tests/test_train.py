@@ -649,3 +649,16 @@ def test_a_missing_hellaswag_file_is_said_once_with_the_command_that_fetches_it(
     log = (out / "log.txt").read_text()
     assert log.count("not found") == 1 and "python eval_hellaswag.py --download_only" in log
     assert not any("hellaswag" in r for r in metrics(out))
+
+
+def test_a_checkpoint_from_before_per_group_rates_refuses_rates_it_cannot_apply(tmp_path):
+    """Its AdamW runs every parameter at one rate: a new rate for one group cannot apply, so it is refused in
+    one line rather than logged and ignored."""
+    run = tmp_path / "run"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "run_before_group_lrs", run)
+    with pytest.raises(UserError, match="predates per-group rates and runs all its parameters at one rate") as e:
+        run_script("train_gpt.py", f"--out_dir={run}", "--init_from=resume", "--device=cpu", "--head_lr=0.01")
+    assert "\n" not in str(e.value)
+    ns = run_script("train_gpt.py", f"--out_dir={run}", "--init_from=resume", "--device=cpu",
+                    *(f"--{k}=0.001" for k in ("head_lr", "scalar_lr", "embedding_lr")))
+    assert ns["base_lrs"][0] == [0.001, 0.001]  # all of them at once: applied
