@@ -226,18 +226,22 @@ class RunLog:
         self.metrics_path, self.log_path = self.out_dir / "metrics.jsonl", self.out_dir / "log.txt"
         if not enabled:
             return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
-            self.metrics_path.write_text("")
-            self.log_path.write_text("")
-        else:
-            self._truncate(resume_step)
-        code = self.out_dir / "code"
-        (code / "data").mkdir(parents=True, exist_ok=True)
-        (code / Path(script).name).write_text(Path(script).read_text())
-        for path in sorted((REPO_ROOT / "data").glob("*.py")):
-            (code / "data" / path.name).write_text(path.read_text())
-        (self.out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            if resume_step is None:
+                self.metrics_path.write_text("")
+                self.log_path.write_text("")
+            else:
+                self._truncate(resume_step)
+            code = self.out_dir / "code"
+            (code / "data").mkdir(parents=True, exist_ok=True)
+            (code / Path(script).name).write_text(Path(script).read_text())
+            for path in sorted((REPO_ROOT / "data").glob("*.py")):
+                (code / "data" / path.name).write_text(path.read_text())
+            (self.out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        except OSError as e:  # a full disk: the checkpoint and the logs so far are as they were
+            raise UserError(f"cannot write the run's files in {self.out_dir} ({e.strerror}); free disk space there "
+                            "and start again (a resume continues from the checkpoint, which is untouched)") from None
         when = time.strftime("%Y-%m-%d %H:%M:%S")
         self.print(f"=== {when} {'resumed at step ' + str(resume_step) if resume_step is not None else 'new run'}")
         self.print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
@@ -259,7 +263,12 @@ class RunLog:
             if path.exists():
                 lines = path.read_text(errors="replace").splitlines()
                 kept = [line for line in lines if (n := step_of(line)) is not None and n <= resume_step]
-                path.write_text("".join(line + "\n" for line in kept))
+                tmp = path.with_name(f".{path.name}.tmp")  # through a temp file: a full disk keeps the old log
+                try:
+                    tmp.write_text("".join(line + "\n" for line in kept))
+                    os.replace(tmp, path)
+                finally:
+                    tmp.unlink(missing_ok=True)
     def print(self, text):
         if not self.enabled:
             return

@@ -2,6 +2,7 @@
 runs as a user starts them (configs/smoke.toml on the bundled FineWeb-Edu sample): metrics, checkpoints,
 exact resume, DDP, the NaN guard, signals, and every refusal as one line."""
 
+import errno
 import hashlib
 import json
 import math
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -662,3 +664,19 @@ def test_a_checkpoint_from_before_per_group_rates_refuses_rates_it_cannot_apply(
     ns = run_script("train_gpt.py", f"--out_dir={run}", "--init_from=resume", "--device=cpu",
                     *(f"--{k}=0.001" for k in ("head_lr", "scalar_lr", "embedding_lr")))
     assert ns["base_lrs"][0] == [0.001, 0.001]  # all of them at once: applied
+
+
+def test_a_full_disk_at_resume_is_one_line_and_keeps_the_log(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train(out, "--max_iters=2")
+    log, records = (out / "log.txt").read_text(), (out / "metrics.jsonl").read_text()
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(UserError, match=r"cannot write the run's files in .*No space left on device.*free disk") as e:
+        run_script("train_gpt.py", f"--out_dir={out}", "--init_from=resume", "--max_iters=3")
+    monkeypatch.undo()
+    assert "\n" not in str(e.value)
+    assert (out / "log.txt").read_text() == log and (out / "metrics.jsonl").read_text() == records
