@@ -69,7 +69,7 @@ logit_softcap = 0.0  # 0 = off; e.g. 30 tames logit growth
 init_from = "scratch"  # "scratch", "resume" (out_dir/ckpt.pt) or "gpt2"/"gpt2-medium"/... via transformers
 # data
 data_dir = "data/fineweb_edu"  # train_*.bin and val_*.bin from data/fineweb_edu.py
-loader_mode = "shuffle"  # every train window once per epoch in a seeded order; or "random" / "sequential" (README)
+loader_mode = "shuffle"  # every train window once per epoch in a seeded order; or "bos" / "random" / "sequential"
 batch_size = 32  # micro-batch, in sequences; 32 x 1024 fits a 40 GB GPU at 124M, 64 fits 80 GB
 total_batch_size = 524288  # tokens per optimizer step: 2**19 ~ 0.5M, GPT-3 small's batch
 val_tokens = 10485760  # fixed val set: 20 * 2**19 tokens, the same ones at every eval
@@ -529,7 +529,7 @@ check_settings(config, positive=("n_layer", "n_head", "n_embd", "block_size", "b
                              "hellaswag_interval", "hellaswag_limit", "sample_interval",
                              "sample_tokens", "keep_last"),
                choices=dict(arch=ARCHS, optimizer=("muon", "adamw"), lr_schedule=("cosine", "wsd"),
-                            loader_mode=("shuffle", "random", "sequential")),
+                            loader_mode=("shuffle", "bos", "random", "sequential")),
                fractions=("min_lr_frac", "decay_frac"),
                non_empty=("out_dir", "data_dir"),
                below_one=("adam_beta1", "adam_beta2", "muon_momentum"))
@@ -617,9 +617,17 @@ log.print(f"model: {n_params / 1e6:.1f}M parameters, {flops_per_token / 1e6:.0f}
           f"= {total_batch_size:,} tokens/step")
 log.print(f"data: {data_dir}, {int(loader.reader.starts[-1]):,} train tokens in {len(loader.reader.files)} "
           f"shards, {val_data.tokens:,} val tokens" + (f"; resumed at step {step}" if step else ""))
-epochs = max_iters * total_batch_size / (loader.n_windows * block_size)  # the loader's epoch: its windows at stride T
+epochs = max_iters * total_batch_size / (loader.n_windows * block_size)  # the loader's epoch: all its windows once
 log.print(f"this run: {max_iters:,} steps x {total_batch_size:,} tokens = {max_iters * total_batch_size:,} tokens, "
           f"{epochs:.3g} epochs of the train split")
+if loader_mode == "bos":
+    log.print(f"loader_mode=bos: {loader.n_windows:,} windows, one at each document start, hold "
+              f"{loader.trained_share():.0%} of the train tokens (the rest lie past a document's first "
+              f"{block_size + 1})")
+if val_data.short_by_split:
+    log.print(f"warning: the val split holds {val_data.tokens:,} tokens in whole batches, fewer than "
+              f"val_tokens={val_tokens:,}, so the val loss is noisier; prepare a larger val split (the prep's "
+              "--val_fraction) or lower --val_tokens")
 if epochs > 1:
     log.print(f"warning: the run repeats the train split {epochs:.3g} times; prepare more tokens "
               "(python data/fineweb_edu.py --max_tokens=...) or lower max_iters")

@@ -113,6 +113,16 @@ class ShardReader:
             self.read(shard, pos - self.starts[shard], out[filled : filled + n])
             pos, filled = pos + n, filled + n
 
+    def document_starts(self, shard, chunk=2**24):
+        """The offsets in a shard of every <|endoftext|>, each document's first token, read chunk tokens at a
+        time (16M tokens = 32 MB at once; a 100M-token shard of ~1K-token documents: 0.8 MB of offsets)."""
+        found, size = [], int(self.sizes[shard])
+        for begin in range(0, size, chunk):
+            buf = np.empty(min(chunk, size - begin), dtype=np.uint16)
+            self.read(shard, begin, buf)
+            found.append(begin + np.flatnonzero(buf == EOT))
+        return np.concatenate(found) if found else np.empty(0, dtype=np.int64)
+
     def check_ids(self, buf, starts):
         """Refuse ids >= VOCAB_SIZE, which the model cannot embed: a flipped byte or a shard from another
         tokenizer. `buf` holds rows of tokens; row i starts at global token starts[i] of the split."""
@@ -180,6 +190,10 @@ class BatchLoader:
     perm_epoch a SeededPermutation keyed by (seed, epoch), so no list of windows is stored.
     random: B windows at uniformly random offsets over all train tokens, with replacement;
     one epoch's worth of them leaves ~37% of the tokens unseen and shows ~26% twice or more.
+    bos: windows of T+1 tokens that start at a document's first token (the <|endoftext|> each document
+    starts with), one per document, in shuffle's seeded order: no window starts mid-document, as
+    nanochat and modded-nanogpt batch. A document shorter than T+1 runs on into the next one, and a
+    document's tokens past its first T+1 are not trained on (the run's log says what share that is).
     sequential: consecutive B*T+1 token spans of the concatenated shards, wrapping round.
 
     Rank r of W takes micro-batches g = r, r+W, r+2W, ... So ranks see disjoint windows,
@@ -187,23 +201,29 @@ class BatchLoader:
     is one counter. Every batch is checked for ids >= VOCAB_SIZE, which the model cannot embed.
     """
 
-    MODES = ("shuffle", "random", "sequential")
+    MODES = ("shuffle", "bos", "random", "sequential")
     CHUNK = 64  # shuffle: micro-batches whose windows are worked out together
 
     def __init__(self, data_dir, split, batch_size, block_size, seed=0, rank=0, world_size=1,
                  mode="shuffle", device="cpu"):
         if mode not in self.MODES:
-            raise UserError(f"loader_mode={mode!r}: use 'shuffle', 'random' or 'sequential'")
+            raise UserError(f"loader_mode={mode!r}: use 'shuffle', 'bos', 'random' or 'sequential'")
         self.B, self.T, self.seed, self.mode = batch_size, block_size, seed, mode
         self.rank, self.world_size, self.device = rank, world_size, device
         self.reader = ShardReader(data_dir, split, min_tokens=batch_size * block_size + 1,
                                   fix=RESUME.format(script="train_gpt.py"))
-        # shuffle: windows at stride T; their number also defines an epoch in every mode
-        self.shard_windows = np.maximum(self.reader.sizes - 1, 0) // block_size
+        # shuffle: windows at stride T; bos: at each document start; their number defines an epoch in every mode
+        if mode == "bos":  # the starts with a whole window of T+1 tokens left in their shard
+            self.doc_starts = [self.reader.document_starts(shard) for shard in range(len(self.reader.files))]
+            self.shard_windows = np.array([np.searchsorted(starts, size - block_size) for starts, size in
+                                           zip(self.doc_starts, self.reader.sizes, strict=True)], dtype=np.int64)
+        else:
+            self.shard_windows = np.maximum(self.reader.sizes - 1, 0) // block_size
         self.cum_windows = np.cumsum(self.shard_windows)
         self.n_windows = int(self.cum_windows[-1])
         if self.n_windows == 0:
-            raise UserError(f"every {split} shard in {data_dir} is shorter than block_size+1 = {block_size + 1} tokens")
+            raise UserError(f"every {split} shard in {data_dir} is shorter than block_size+1 = {block_size + 1} tokens"
+                            + (" after its first document start" if mode == "bos" else ""))
         # random: a window of T+1 tokens can start at offsets 0..n-T-1 of a shard of n tokens
         self.window_starts = np.maximum(self.reader.sizes - block_size, 0)
         self.cum_starts = np.cumsum(self.window_starts)
@@ -241,7 +261,21 @@ class BatchLoader:
             picks = self.shuffled((indices[:, None] * self.B + np.arange(self.B)).ravel()).reshape(self.CHUNK, self.B)
             self._chunk, k = (index, picks), 0
         shards = np.searchsorted(self.cum_windows, picks[k], side="right")
-        return shards, (picks[k] - (self.cum_windows[shards] - self.shard_windows[shards])) * self.T
+        local = picks[k] - (self.cum_windows[shards] - self.shard_windows[shards])
+        if self.mode == "bos":
+            return shards, np.array([self.doc_starts[s][i] for s, i in zip(shards, local, strict=True)])
+        return shards, local * self.T
+
+    def trained_share(self):
+        """bos: the share of the train tokens that some window holds (what a document past its first T+1
+        tokens loses); 1.0 in the other modes, whose windows tile the split."""
+        if self.mode != "bos":
+            return 1.0
+        covered = 0
+        for size, starts, n in zip(self.reader.sizes, self.doc_starts, self.shard_windows, strict=True):
+            ends = np.append(starts[1:], size)[:n]  # each window's document ends at the next start
+            covered += int((np.minimum(ends, starts[:n] + self.T + 1) - starts[:n]).sum())
+        return covered / int(self.reader.sizes.sum())
 
     def next_batch(self):
         # one stat a batch, as dear as one window's read: a prep into data_dir stops the run at the next batch,
@@ -308,6 +342,7 @@ class ValData:
                 f"than one batch of {batch_size}; lower batch_size/block_size or prepare more val data"
             )
         n_batches = max(1, min(val_tokens // (batch_size * block_size), total // batch_size))
+        self.short_by_split = total // batch_size < val_tokens // (batch_size * block_size)  # the split is the limit
         n = n_batches * batch_size
         picks = np.arange(n) * total // n  # evenly spaced, the first at the split's start
         shards = np.searchsorted(cum_windows, picks, side="right")

@@ -1,4 +1,4 @@
-"""data/loaders.py: BatchLoader's three modes (shuffle, random, sequential), exact resume and DDP, the
+"""data/loaders.py: BatchLoader's four modes (shuffle, bos, random, sequential), exact resume and DDP, the
 vocab check on every batch, and the fixed val set spread over the val split."""
 
 import numpy as np
@@ -7,8 +7,8 @@ import torch
 
 from data import UserError
 from data.loaders import BatchLoader, SeededPermutation, ValData
-from data.shards import write_manifest, write_shard
-from data.tokenizer import VOCAB_SIZE
+from data.shards import HEADER_BYTES, write_manifest, write_shard
+from data.tokenizer import EOT, VOCAB_SIZE
 
 B, T = 4, 16
 SIZES = (3000, 2000, 1500)  # train shards; tokens are their global positions, so every window is checkable
@@ -135,7 +135,7 @@ def test_sequential_reads_consecutive_tokens(shards):
 
 
 def test_bad_settings_are_refused(shards, tmp_path):
-    with pytest.raises(UserError, match="loader_mode='shuffled': use 'shuffle', 'random' or 'sequential'"):
+    with pytest.raises(UserError, match="loader_mode='shuffled': use 'shuffle', 'bos', 'random' or 'sequential'"):
         loader(shards, mode="shuffled")
     with pytest.raises(UserError, match="python data/fineweb_edu.py"):
         BatchLoader(tmp_path / "nowhere", "train", B, T)
@@ -210,6 +210,82 @@ def test_random_mode_leaves_about_a_third_unseen(shards):
     for x, y in draw(loader(shards, seed=0, mode="random"), N // B):
         covered[x.numpy().ravel()] = covered[y.numpy().ravel()] = True
     assert 0.55 < covered.mean() < 0.72
+
+
+# -----------------------------------------------------------------------------
+# bos: windows at document starts
+
+DOCS = [np.random.default_rng(i).integers(1, 3 * T, size=40) for i in range(2)]  # document lengths, 2 shards
+
+
+@pytest.fixture(scope="module")
+def doc_shards(tmp_path_factory):
+    """Two train shards of documents: each <|endoftext|>, then 200 * (document number) + its position in it.
+    Returns the folder and the (shard, offset) of every document start with a whole window in its shard."""
+    d, windows, n_doc = tmp_path_factory.mktemp("docs"), [], 0
+    for i, lengths in enumerate(DOCS):
+        tokens = []
+        for length in lengths:
+            windows.append((i, len(tokens)))
+            tokens += [EOT, *(200 * n_doc + np.arange(1, length))]
+            n_doc += 1
+        write_shard(d / f"train_{i:06d}.bin", np.array(tokens))
+        windows = [(s, o) for s, o in windows if s != i or o + T + 1 <= len(tokens)]
+    write_manifest(d)
+    return d, windows
+
+
+def shard_tokens(d, shard):
+    return np.fromfile(d / f"train_{shard:06d}.bin", dtype=np.uint16, offset=HEADER_BYTES).astype(np.int64)
+
+
+def test_bos_windows_start_at_every_document_once_per_epoch(doc_shards):
+    d, windows = doc_shards
+    ld = BatchLoader(d, "train", 1, T, seed=3, mode="bos")
+    assert ld.n_windows == len(windows) < sum(map(len, DOCS))  # the last documents of a shard have no window
+    seen = [ld.next_batch() for _ in windows]
+    assert ld.epoch == 1.0
+    tokens = {s: shard_tokens(d, s) for s in (0, 1)}
+    want = sorted(tuple(tokens[s][o : o + T]) for s, o in windows)
+    assert sorted(tuple(x[0].tolist()) for x, _ in seen) == want  # each document's window exactly once
+    for x, y in seen:
+        assert x[0, 0] == EOT and torch.equal(x[:, 1:], y[:, :-1])
+    again = [tuple(x[0].tolist()) for x, _ in (ld.next_batch() for _ in windows)]
+    assert sorted(again) == want and again != [tuple(x[0].tolist()) for x, _ in seen]  # a new order each epoch
+
+
+def test_bos_resumes_exactly_and_splits_over_ranks(doc_shards):
+    d, windows = doc_shards
+    make = lambda **kw: BatchLoader(d, "train", 2, T, seed=5, mode="bos", **kw)
+    ld = make()
+    draw(ld, len(windows))  # two epochs' worth
+    state, rest = ld.state_dict(), draw(ld, 5)
+    fresh = make()
+    fresh.load_state_dict(state)
+    assert same(draw(fresh, 5), rest)
+    with pytest.raises(UserError, match="loader_mode=bos, this run seed=5 loader_mode=shuffle"):
+        BatchLoader(d, "train", 2, T, seed=5).load_state_dict(state)
+    ref = draw(make(), 6)
+    r0, r1 = draw(make(rank=0, world_size=2), 3), draw(make(rank=1, world_size=2), 3)
+    assert same([b for pair in zip(r0, r1, strict=True) for b in pair], ref)
+
+
+def test_bos_trained_share_counts_each_documents_tokens_in_its_window(doc_shards):
+    d, windows = doc_shards
+    ends = {}
+    for i, lengths in enumerate(DOCS):
+        ends.update({(i, int(e) - int(n)): int(e) for n, e in zip(lengths, np.cumsum(lengths), strict=True)})
+    covered = sum(min(ends[w], w[1] + T + 1) - w[1] for w in windows)
+    ld = BatchLoader(d, "train", 2, T, mode="bos")
+    assert ld.trained_share() == pytest.approx(covered / sum(int(n.sum()) for n in DOCS))
+    assert 0.5 < ld.trained_share() < 1 and BatchLoader(d, "train", 2, T).trained_share() == 1.0
+
+
+def test_bos_without_a_window_is_refused(tmp_path):
+    write_shard(tmp_path / "train_000000.bin", np.arange(1, 500))  # no <|endoftext|> at all
+    write_manifest(tmp_path)
+    with pytest.raises(UserError, match="shorter than block_size\\+1 = 17 tokens after its first document start"):
+        BatchLoader(tmp_path, "train", 2, T, mode="bos")
 
 
 # -----------------------------------------------------------------------------
