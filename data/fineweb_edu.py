@@ -1,10 +1,11 @@
-"""
+r"""
 Tokenize FineWeb-Edu (or local text files) into the .bin token shards that the
 training loaders read (see data/shards.py for the format).
 
     python data/fineweb_edu.py                                  # stream HF sample-10BT
     python data/fineweb_edu.py --max_tokens 1e9                 # the first ~1B tokens of it
     python data/fineweb_edu.py --source 'corpus/*.jsonl' --out_dir data/mine
+    python data/fineweb_edu.py --source 'notes/**/*.md' --out_dir data/notes   # a document per file
 
 Sources. By default the HuggingFaceFW/fineweb-edu `sample-10BT` train split is
 streamed from the Hub with `datasets`. `--source PATH_OR_GLOB` (repeatable, or
@@ -14,10 +15,13 @@ comma separated) reads local files instead, all of them in sorted path order:
             `text` are counted as malformed and skipped (the first few are named).
             Blank lines are not documents.
   .parquet  a `text` column; a null entry counts as malformed.
-  .txt      one document per non-empty line (like HF's `text` loader, minus its
-            empty rows); invalid UTF-8 becomes U+FFFD.
+  .txt/.md  one document per file, or with --separator=S the file split at S
+            (--separator='\n': a document per line, like HF's `text` loader;
+            '\n\n': per paragraph); parts of only whitespace are no documents.
+            Invalid UTF-8 becomes U+FFFD. A document per line is a trap for
+            code or prose: the model learns to end every line with <|endoftext|>.
 Text files are UTF-8, or UTF-16 / UTF-32 with a byte-order mark (the mark is not
-text); a .txt (or the start of a .jsonl) with NUL bytes and no mark is refused:
+text); a .txt/.md (or the start of a .jsonl) with NUL bytes and no mark is refused:
 it is UTF-16 saved without one, or not text.
 Documents that are empty or only whitespace are skipped and counted.
 
@@ -61,7 +65,8 @@ from data.tokenizer import EOT, get_tokenizer  # noqa: E402
 
 MADE_BY = "data/fineweb_edu.py"  # recorded in the manifest: the fix a loader names is re-running it
 HF_DATASET, HF_CONFIG = "HuggingFaceFW/fineweb-edu", "sample-10BT"
-SUFFIXES = (".jsonl", ".parquet", ".txt")
+SUFFIXES = (".jsonl", ".parquet", ".txt", ".md")
+TEXT_SUFFIXES = (".txt", ".md")
 MALFORMED_SHOWN = 5  # how many malformed records the summary names
 # UTF-32 LE's mark begins with UTF-16 LE's, so it is looked for first
 BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
@@ -164,11 +169,18 @@ def read_parquet(path):
             row += 1
 
 
-def read_txt(path, encoding="utf-8-sig"):
+def read_txt(path, encoding="utf-8-sig", separator=""):
+    """The documents of a text file: all of it, or its parts between separators, read 1M characters at a time."""
     with open(path, encoding=encoding, errors="replace") as f:
-        for line in f:
-            if line.strip():
-                yield line.rstrip("\n")
+        if not separator:
+            yield f.read()
+            return
+        rest = ""
+        while chunk := f.read(1 << 20):
+            *parts, rest = (rest + chunk).split(separator)
+            yield from (part for part in parts if part.strip())
+        if rest.strip():
+            yield rest
 
 
 # The pool's feeder thread iterates the documents, and an exception raised there would
@@ -176,11 +188,11 @@ def read_txt(path, encoding="utf-8-sig"):
 # with one happens up front in open_files / open_hub, in the main thread.
 
 
-def open_files(files):
+def open_files(files, separator=""):
     encodings = {}
     for path in files:
-        if path.suffix in (".txt", ".jsonl"):
-            encodings[path] = text_encoding(path, "--source", whole=path.suffix == ".txt")
+        if path.suffix != ".parquet":
+            encodings[path] = text_encoding(path, "--source", whole=path.suffix in TEXT_SUFFIXES)
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq
 
@@ -194,13 +206,15 @@ def open_files(files):
     def read(path):
         if path.suffix == ".parquet":
             return read_parquet(path)
-        return (read_txt if path.suffix == ".txt" else read_jsonl)(path, encodings[path])
+        if path.suffix in TEXT_SUFFIXES:
+            return read_txt(path, encodings[path], separator)
+        return read_jsonl(path, encodings[path])
 
     return (doc for path in files for doc in read(path))
 
 
 def open_hub():
-    reach_hub(HF_DATASET, "to use local files pass --source PATH_OR_GLOB (.jsonl, .parquet or .txt)")
+    reach_hub(HF_DATASET, "to use local files pass --source PATH_OR_GLOB (.jsonl, .parquet, .txt or .md)")
     try:
         import datasets
 
@@ -210,7 +224,7 @@ def open_hub():
         reason = " ".join(str(e).split())[:200]
         raise UserError(
             f"cannot stream {HF_DATASET} {HF_CONFIG} from the Hugging Face Hub ({type(e).__name__}: {reason}); "
-            f"to use local files pass --source PATH_OR_GLOB (.jsonl, .parquet or .txt)"
+            f"to use local files pass --source PATH_OR_GLOB (.jsonl, .parquet, .txt or .md)"
         ) from None
     return (row["text"] if isinstance(row.get("text"), str) else Malformed(f"{HF_DATASET} row {i}", "no string text")
             for i, row in enumerate(chain([first], stream)))
@@ -319,11 +333,25 @@ def count(text):
     return int(value)
 
 
+def unescape(text):
+    """--separator as the shell hands it on: the two characters \\n are a newline (likewise \\t, \\r, \\\\)."""
+    escapes = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+    out, chars = [], iter(text)
+    for c in chars:
+        out.append(escapes.get(next(chars, "\\"), None) if c == "\\" else c)
+        if out[-1] is None:
+            raise UserError(f"--separator={text}: use \\n, \\t, \\r or \\\\ for escapes, or the text itself")
+    return "".join(out)
+
+
 def parse_args(argv):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--source", action="append", default=[],
-                        help=f"local .jsonl/.parquet/.txt files or globs (repeat or comma separate); "
+                        help=f"local .jsonl/.parquet/.txt/.md files or globs (repeat or comma separate); "
                              f"default: stream {HF_DATASET} {HF_CONFIG}")
+    parser.add_argument("--separator", type=unescape, default="",
+                        help="split each .txt/.md file into documents at this text ('\\n': a line each, "
+                             "'\\n\\n': a paragraph each); default: a document per file")
     parser.add_argument("--out_dir", default="data/fineweb_edu", type=os.path.expanduser, help="where the shards go")
     parser.add_argument("--shard_size", type=count, default=100_000_000, help="tokens per shard")
     parser.add_argument("--max_tokens", type=count, default=0,
@@ -358,12 +386,18 @@ def main(argv=None):
     args = parse_args(argv)
     files = resolve_sources(args.source) if args.source else []
     prep_out_dir(args.out_dir, [(path, "--source") for path in files])
-    docs = open_files(files) if files else open_hub()
+    text_files = sum(path.suffix in TEXT_SUFFIXES for path in files)
+    if text_files:
+        print(f"{text_files} .txt/.md source file(s): " + (f"split into documents at --separator={args.separator!r}"
+              if args.separator else "a document per file (--separator=S splits them at S)"))
+    elif args.separator:
+        raise UserError(f"--separator={args.separator!r} splits .txt/.md files, and --source names none; drop it")
+    docs = open_files(files, args.separator) if files else open_hub()
     out_dir = Path(args.out_dir)
     get_tokenizer()  # fail here, not in a worker, if the BPE files cannot be loaded; forked workers inherit it
     # what fixes the output (not --out_dir, --num_proc, --chunk_docs): the manifest and prep id record it
-    settings = {k: getattr(args, k) for k in ("source", "shard_size", "max_tokens", "val_fraction", "val_tokens",
-                                              "seed")}
+    settings = {k: getattr(args, k) for k in ("source", "separator", "shard_size", "max_tokens", "val_fraction",
+                                              "val_tokens", "seed")}
     pid = prep_id(MADE_BY, settings)
     with staged_prep(out_dir) as (stage, stale):  # out_dir changes only when the prep has finished
         writers = {split: ShardWriter(stage, split, args.shard_size, pid) for split in ("train", "val")}

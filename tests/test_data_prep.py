@@ -2,6 +2,7 @@
 data/sft_mix.py shares with it: the manifest, and duplicates as the tokenizer sees them."""
 
 import json
+import re
 import subprocess
 import sys
 import types
@@ -12,7 +13,7 @@ import pytest
 
 import data.sft_mix as sft_mix
 from data import UserError
-from data.fineweb_edu import as_tokenized, main, split_hash
+from data.fineweb_edu import as_tokenized, main, read_txt, split_hash
 from data.shards import MANIFEST, list_shards, read_examples, read_header, read_shard, write_shard
 from data.tokenizer import EOT, get_tokenizer
 
@@ -183,15 +184,45 @@ def test_max_tokens_stops_after_whole_document(tmp_path):
     assert sorted(shard_docs(tmp_path, "train") + shard_docs(tmp_path, "val")) == sorted(expected)
 
 
-def test_txt_sources_one_doc_per_line_in_sorted_order(tmp_path):
-    (tmp_path / "b.txt").write_text("bee one\n\nbee two\n   \n")
-    (tmp_path / "a.txt").write_text("ay one\nay two")
-    (tmp_path / "c.txt").write_text("see one\n")
-    sources = ["--source", f"{tmp_path / 'c.txt'},{tmp_path / 'b.txt'}", "--source", str(tmp_path / "a.txt")]
+def test_txt_and_md_sources_are_one_doc_per_file_in_sorted_order(tmp_path, capsys):
+    (tmp_path / "b.md").write_text("# bee\n\nbee two\n")
+    (tmp_path / "a.txt").write_text("def main():\n    return 1\n")
+    (tmp_path / "c.txt").write_text("   \n")  # only whitespace: no document
+    sources = ["--source", f"{tmp_path / 'c.txt'},{tmp_path / 'b.md'}", "--source", str(tmp_path / "a.txt")]
     s = main([*sources, "--out_dir", str(tmp_path / "out"), "--val_fraction", 0])
-    assert (s["docs_read"], s["empty_skipped"], s["val_shards"]) == (5, 0, 0)
-    expected = tokenized(["ay one", "ay two", "bee one", "bee two", "see one"])
-    assert shard_docs(tmp_path / "out", "train") == expected
+    assert (s["docs_read"], s["empty_skipped"], s["val_shards"]) == (3, 1, 0)
+    assert shard_docs(tmp_path / "out", "train") == tokenized(["def main():\n    return 1\n", "# bee\n\nbee two\n"])
+    assert "3 .txt/.md source file(s): a document per file (--separator=S splits them at S)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("separator, expected", [
+    ("\\n", ["ay one", "ay two", "bee one", "bee two", "see one", "see two"]),  # as the shell hands on '\n'
+    ("\\n\\n", ["ay one\nay two", "bee one", "bee two\n   \nsee one", "see two\n"]),
+    ("<doc>", ["ay one\nay two\n\nbee one\n\n", "bee two\n   \nsee one\n\nsee two\n"]),
+])
+def test_separator_splits_text_files_into_documents(tmp_path, capsys, separator, expected):
+    cut = "<doc>" if separator == "<doc>" else ""
+    text = f"ay one\nay two\n\nbee one\n\n{cut}bee two\n   \nsee one\n\nsee two\n"
+    (tmp_path / "a.txt").write_text(text)
+    s = main(["--source", str(tmp_path / "a.txt"), "--out_dir", str(tmp_path / "out"), "--val_fraction", 0,
+              "--separator", separator])
+    assert shard_docs(tmp_path / "out", "train") == tokenized(expected) and s["docs_read"] == len(expected)
+    assert "split into documents at --separator=" in capsys.readouterr().out
+
+
+def test_separator_is_read_across_chunks(tmp_path):
+    """read_txt reads 1M characters at a time: a separator cut by a chunk's end still splits there."""
+    docs = ["x" * ((1 << 20) - 2), "y" * 10]
+    (tmp_path / "a.txt").write_text("<doc>".join(docs))
+    assert list(read_txt(tmp_path / "a.txt", separator="<doc>")) == docs
+
+
+def test_bad_separator_is_one_line(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "hi"}\n')
+    with pytest.raises(UserError, match=re.escape(r"--separator=\q: use \n, \t, \r or \\ for escapes")):
+        main(["--source", str(tmp_path / "a.jsonl"), "--separator", "\\q"])
+    with pytest.raises(UserError, match="splits .txt/.md files, and --source names none; drop it"):
+        main(["--source", str(tmp_path / "a.jsonl"), "--out_dir", str(tmp_path / "out"), "--separator", "\\n"])
 
 
 def test_parquet_source(tmp_path):
@@ -415,5 +446,5 @@ def test_a_failed_hellaswag_download_leaves_no_folder(tmp_path, monkeypatch):
 
 def test_a_byte_order_mark_is_not_text(tmp_path):
     (tmp_path / "bom.txt").write_bytes("\ufeffFirst document.\nSecond document.\n".encode("utf-8"))
-    prep(tmp_path / "bom.txt", tmp_path / "out", "--val_fraction", 0, "--num_proc", 1)
+    prep(tmp_path / "bom.txt", tmp_path / "out", "--val_fraction", 0, "--num_proc", 1, "--separator", "\\n")
     assert shard_docs(tmp_path / "out", "train") == tokenized(["First document.", "Second document."])

@@ -184,7 +184,7 @@ def test_a_txt_with_a_byte_order_mark_is_decoded(encoding, tmp_path):
     bom = {"utf-16-le": b"\xff\xfe", "utf-16-be": b"\xfe\xff", "utf-32-le": b"\xff\xfe\0\0",
            "utf-32-be": b"\0\0\xfe\xff"}.get(encoding, b"")
     (tmp_path / "doc.txt").write_bytes(bom + "\r\n".join(TEXTS).encode(encoding))
-    prep(tmp_path / "doc.txt", tmp_path / "out", "--val_fraction", 0)
+    prep(tmp_path / "doc.txt", tmp_path / "out", "--val_fraction", 0, "--separator", "\\n")
     assert docs(tmp_path / "out") == tokenized(TEXTS)
 
 

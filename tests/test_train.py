@@ -240,6 +240,16 @@ def test_the_log_says_how_many_epochs_the_run_takes_and_warns_above_one(tmp_path
     assert ns["epochs"] > 1 and f"warning: the run repeats the train split {ns['epochs']:.3g} times" in log
 
 
+def test_a_val_split_smaller_than_val_tokens_is_a_warning_and_bos_mode_says_its_share(tmp_path):
+    train(tmp_path / "fits", "--max_iters=1", "--val_tokens=2048")
+    assert "warning: the val split" not in (tmp_path / "fits" / "log.txt").read_text()
+    ns = train(tmp_path / "short", "--max_iters=1", "--val_tokens=1000000", "--loader_mode=bos")
+    log = (tmp_path / "short" / "log.txt").read_text()
+    assert (f"warning: the val split holds {ns['val_data'].tokens:,} tokens in whole batches, fewer than "
+            "val_tokens=1,000,000") in log
+    assert f"loader_mode=bos: {ns['loader'].n_windows:,} windows, one at each document start, hold " in log
+
+
 def test_a_checkpoint_from_before_per_group_rates_resumes_at_the_rates_it_was_trained_with(tmp_path):
     """tests/fixtures/run_before_group_lrs holds the step-2 checkpoint of a 4-step run made by the code
     before per-group rates, and that run's record. Today's code resumes it with AdamW in its old two groups
