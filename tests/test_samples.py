@@ -1,5 +1,5 @@
 """The bundled samples (data/samples/PROVENANCE.md): the raw files are the ones it describes, and its
-two prep commands reproduce the committed shards, offsets, summary and manifests byte for byte."""
+three prep commands reproduce the committed shards, offsets, summary and manifests byte for byte."""
 
 import hashlib
 import json
@@ -16,14 +16,15 @@ from data.shards import list_shards, read_examples
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "data" / "samples"
 PROVENANCE = (SAMPLES / "PROVENANCE.md").read_text()
-COMMANDS = {shlex.split(line)[1]: shlex.split(line)[2:] for line in PROVENANCE.splitlines()
-            if line.startswith("python data/")}
+COMMANDS = [shlex.split(line)[1:] for line in PROVENANCE.splitlines() if line.startswith("python data/")]
+MAINS = {"data/fineweb_edu.py": fineweb_edu, "data/sft_mix.py": sft_mix}
 
 
 def test_raw_files_match_their_provenance():
     hashes = dict(re.findall(r"^- `([^`]+)`:.*?sha256 `([0-9a-f]{64})`", PROVENANCE, re.MULTILINE))
     assert sorted(hashes) == ["data/gpt2.tiktoken", "data/samples/fineweb_edu_100.jsonl",
-                              "data/samples/hellaswag_val_200.jsonl", "data/samples/raschka_instruction_500.json"]
+                              "data/samples/hellaswag_val_200.jsonl", "data/samples/raschka_instruction_500.json",
+                              "data/samples/tinyshakespeare.txt"]
     for name, sha256 in hashes.items():
         assert hashlib.sha256((REPO / name).read_bytes()).hexdigest() == sha256, name
     rows = json.loads((SAMPLES / "raschka_instruction_500.json").read_text())
@@ -46,11 +47,12 @@ def with_out_dir(argv, out_dir):
     raise AssertionError(f"no --out_dir in {argv}")
 
 
-@pytest.mark.parametrize("script, main", [("data/fineweb_edu.py", fineweb_edu), ("data/sft_mix.py", sft_mix)])
-def test_prep_reproduces_the_committed_samples(tmp_path, monkeypatch, script, main):
-    argv, committed = with_out_dir(COMMANDS[script], tmp_path / "out")
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c[:3]))
+def test_prep_reproduces_the_committed_samples(tmp_path, monkeypatch, command):
+    assert len(COMMANDS) == 3
+    argv, committed = with_out_dir(command[1:], tmp_path / "out")
     monkeypatch.chdir(REPO)  # the manifest records the sources as the command names them, relative to the repo
-    main(argv)
+    MAINS[command[0]](argv)
     fresh, kept = files(tmp_path / "out"), files(committed)
     assert fresh.keys() == kept.keys()
     for name, data in kept.items():
