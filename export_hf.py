@@ -22,10 +22,12 @@ whole: a failed, interrupted or disk-full export leaves the earlier one as it wa
 earlier export only (a folder holding any other file is refused), and never the checkpoint it reads; an
 out_dir that is a link keeps pointing at the new export.
 
-The tokenizer gives exactly our ids: GPT-2's BPE from data/gpt2.tiktoken (vocab and merges rebuilt
-from its ranks), <|endoftext|> = 50256, <|user|> = 50257, <|assistant|> = 50258; len(tokenizer) is
-50,259. The model keeps its 50,304 rows: ids 50259..50303 are padding for fast matmuls, never a
-training target (so a trained model gives them vanishing probability), and they decode to nothing.
+The tokenizer puts <|endoftext|> before every text, as each training document began (as Llama's tokenizers
+add their BOS; add_special_tokens=False leaves it out), then exactly our ids: GPT-2's BPE from
+data/gpt2.tiktoken (vocab and merges rebuilt from its ranks), <|endoftext|> = 50256, <|user|> = 50257,
+<|assistant|> = 50258; len(tokenizer) is 50,259. The model keeps its 50,304 rows: ids 50259..50303 are
+padding for fast matmuls, never a training target (so a trained model gives them vanishing probability),
+and they decode to nothing.
 Like every HF chat tokenizer, it turns the strings "<|user|>" etc. into their control ids wherever
 they appear in the text (apply_chat_template needs that); our data/tokenizer.py encodes user text
 with encode_ordinary, as plain characters. tokenizer(text, split_special_tokens=True) gives our ids
@@ -540,7 +542,12 @@ def hf_tokenizer(vocab_size, block_size, chat):
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     # GPT-2's pre-tokenizer regex; tiktoken's r50k pattern splits every text the same way
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    # <|endoftext|> first, as Llama's tokenizers add their BOS: every training document started after one, and
+    # without it the model continues a text it never saw (generate from bare "Once upon a time" degrades)
+    tokenizer.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single="<|endoftext|> $A", pair="<|endoftext|> $A <|endoftext|> $B:1",
+                                      special_tokens=[("<|endoftext|>", EOT)])])
     tokenizer.decoder = decoders.ByteLevel()
     specials = [name for name, i in SPECIAL_TOKENS.items() if i < vocab_size]  # a 50,257-row model has no chat ids
     tokenizer.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in specials])
@@ -621,7 +628,8 @@ def model_card(name, c, n_params, chat, facts, commands, save_dtype):
         "    from transformers import AutoModelForCausalLM, AutoTokenizer\n"
         f"    model = AutoModelForCausalLM.from_pretrained(\"{name}\")\n"
         f"    tokenizer = AutoTokenizer.from_pretrained(\"{name}\")\n\n"
-        "A text starts after <|endoftext|>, as every training document did. The tokenizer turns the literal "
+        "A text starts after <|endoftext|>, as every training document did: the tokenizer puts it first "
+        "(add_special_tokens=False leaves it out). It also turns the literal "
         "strings <|endoftext|>, <|user|> and <|assistant|> into their control ids; pass "
         "split_special_tokens=True to keep them as plain text.\n"
     )
@@ -667,7 +675,7 @@ def check_folder(folder, model, chat, save_dtype, source):
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     ours = get_tokenizer().encode_ordinary(CHECK_TEXT)
     theirs = tokenizer(CHECK_TEXT, split_special_tokens=True)["input_ids"]
-    if theirs != ours:
+    if theirs != [EOT, *ours]:
         raise UserError(f"export check: the exported tokenizer gives other ids than ours on {CHECK_TEXT!r}")
     if chat:
         turns = [("What is 2 + 2?", "4."), ("And 3 + 3?", "6.")]

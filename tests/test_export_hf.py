@@ -174,8 +174,26 @@ def test_tokenizer_gives_our_ids(hf_tokenizer):
     assert (hf_tokenizer.eos_token_id, hf_tokenizer.bos_token_id) == (EOT, EOT)
     for text in TEXTS:
         ids = enc.encode_ordinary(text)
-        assert hf_tokenizer(text)["input_ids"] == ids, text
+        assert hf_tokenizer(text)["input_ids"] == [EOT, *ids], text  # <|endoftext|> first, as in training
+        assert hf_tokenizer(text, add_special_tokens=False)["input_ids"] == ids, text
         assert hf_tokenizer.decode(ids) == text
+    assert hf_tokenizer("Once upon a time")["input_ids"] == [EOT, 7454, 2402, 257, 640]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_the_loss_of_a_text_through_the_exported_tokenizer_equals_ours(exported, arch):
+    """What lm-eval and vLLM do with an export: tokenize a text with its tokenizer, score it. The ids and
+    the loss must be what our training saw: <|endoftext|>, then the text."""
+    model, folder = exported[arch]
+    text = (REPO_ROOT / "data" / "samples" / "tinyshakespeare.txt").read_text()[:400]
+    batch = transformers.AutoTokenizer.from_pretrained(folder)(text, return_tensors="pt")
+    ids = torch.tensor([[EOT, *get_tokenizer().encode_ordinary(text)]])[:, : TINY["block_size"]]
+    with torch.no_grad():
+        theirs = load_hf(folder)(batch["input_ids"][:, : TINY["block_size"]],
+                                 labels=batch["input_ids"][:, : TINY["block_size"]]).loss
+        _, ours = model(ids[:, :-1], ids[:, 1:])
+    assert torch.equal(batch["input_ids"][:, : TINY["block_size"]], ids)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
 
 
 def test_marker_strings_in_text(hf_tokenizer):
@@ -183,8 +201,8 @@ def test_marker_strings_in_text(hf_tokenizer):
     turns the marker strings into control ids unless told split_special_tokens=True."""
     enc = get_tokenizer()
     text = "say <|user|> or <|assistant|> or <|endoftext|>, literally"
-    assert hf_tokenizer(text, split_special_tokens=True)["input_ids"] == enc.encode_ordinary(text)
-    assert hf_tokenizer(text)["input_ids"] == enc.encode(text, allowed_special="all")
+    assert hf_tokenizer(text, split_special_tokens=True)["input_ids"] == [EOT, *enc.encode_ordinary(text)]
+    assert hf_tokenizer(text)["input_ids"] == [EOT, *enc.encode(text, allowed_special="all")]
     assert {USER, ASSISTANT, EOT} <= set(hf_tokenizer(text)["input_ids"])
     assert hf_tokenizer.decode([EOT, USER, 40, ASSISTANT, 50300], skip_special_tokens=True) == "I"
 
