@@ -283,8 +283,9 @@ def test_a_checkpoint_from_before_mups_rule_resumes_at_the_rates_it_was_trained_
                 if "loss" in r and r["step"] > 2]
     resumed = [r for r in train_records(run) if r[0] > 2]
     assert [r[0] for r in resumed] == [3, 4]
+    # another CPU's float32 kernels move the grad norm by ~2e-5 (measured); a wrong rate moves it by far more
     for got, want in zip(resumed, recorded, strict=True):
-        assert got == pytest.approx(want, rel=1e-5, abs=0)
+        assert got == pytest.approx(want, rel=1e-4, abs=0)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
