@@ -529,7 +529,7 @@ check_settings(config, positive=("n_layer", "n_head", "n_embd", "block_size", "b
                              "hellaswag_interval", "hellaswag_limit", "sample_interval",
                              "sample_tokens", "keep_last"),
                choices=dict(arch=ARCHS, optimizer=("muon", "adamw"), lr_schedule=("cosine", "wsd"),
-                            loader_mode=("shuffle", "bos", "random", "sequential")),
+                            loader_mode=BatchLoader.MODES),
                fractions=("min_lr_frac", "decay_frac"),
                non_empty=("out_dir", "data_dir"),
                below_one=("adam_beta1", "adam_beta2", "muon_momentum"))

@@ -193,7 +193,7 @@ def open_files(files, separator=""):
     for path in files:
         if path.suffix != ".parquet":
             encodings[path] = text_encoding(path, "--source", whole=path.suffix in TEXT_SUFFIXES)
-        if path.suffix == ".parquet":
+        else:
             import pyarrow.parquet as pq
 
             try:

@@ -207,7 +207,7 @@ class BatchLoader:
     def __init__(self, data_dir, split, batch_size, block_size, seed=0, rank=0, world_size=1,
                  mode="shuffle", device="cpu"):
         if mode not in self.MODES:
-            raise UserError(f"loader_mode={mode!r}: use 'shuffle', 'bos', 'random' or 'sequential'")
+            raise UserError(f"loader_mode={mode!r}: use {', '.join(map(repr, self.MODES[:-1]))} or {self.MODES[-1]!r}")
         self.B, self.T, self.seed, self.mode = batch_size, block_size, seed, mode
         self.rank, self.world_size, self.device = rank, world_size, device
         self.reader = ShardReader(data_dir, split, min_tokens=batch_size * block_size + 1,
