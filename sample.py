@@ -7,6 +7,7 @@ Sample from a trained GPT; the text streams to stdout as it is generated.
     python sample.py "Once upon a time" --ckpt=logs/sft --chat=false  # an SFT checkpoint as plain text
     python sample.py --interactive --ckpt=logs/sft                 # a conversation: a prompt per line, /reset, EOF
     python sample.py --prompt_file=prompt.txt --temperature=0      # greedy
+    python sample.py --serve --ckpt=logs/sft                       # a chat UI and an OpenAI API on port 8000
 
 Every prompt starts after an <|endoftext|>, where each pretraining document starts; an empty
 prompt is <|endoftext|> alone. Generation stops at <|endoftext|> (in chat mode at <|user|> and
@@ -51,6 +52,10 @@ stream_chunk = 8  # tokens printed at a time: one wait for the GPU per chunk ins
 device = "auto"  # "auto" (cuda > mps > cpu), "cuda", "mps", "cpu"
 dtype = "auto"  # the weights' dtype: "auto" (bfloat16 on CUDA, float32 elsewhere), "bfloat16" or "float32"
 compile = False  # compile the one-token step into a CUDA graph: several times faster decoding after ~1 min
+serve = False  # serve the model: a chat UI at http://host:port/ and an OpenAI-compatible API (pip install ".[serve]")
+host = "127.0.0.1"  # --serve: the address to listen on; "0.0.0.0" lets other machines in
+port = 8000  # --serve: 0 = any free port
+max_queue = 64  # --serve: requests that may wait while one decodes (one at a time); one more is told 429
 
 config = parse_settings(globals(), sys.argv[1:], positional="prompt")
 globals().update(config)
@@ -408,7 +413,7 @@ def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 # ----------------------------------------------------------------------------- end of model
 
 # ----------------------------------------------------------------------------- setup
-check_settings(config, positive=("max_new_tokens", "num_samples", "stream_chunk"),
+check_settings(config, positive=("max_new_tokens", "num_samples", "stream_chunk", "max_queue"),
                non_negative=("temperature", "top_k"), choices=dict(chat=("auto", "true", "false")))
 if not 0 < top_p <= 1:
     raise UserError(f"--top_p={top_p}: must be in (0, 1]; 1 = off")
@@ -416,6 +421,10 @@ if prompt and prompt_file:
     raise UserError("a prompt and --prompt_file both give the prompt; pass one")
 if interactive and (prompt or prompt_file):
     raise UserError("--interactive reads the prompts from stdin; drop the prompt argument and --prompt_file")
+if serve and (prompt or prompt_file or interactive):
+    raise UserError("--serve takes its prompts over HTTP; drop the prompt argument, --prompt_file and --interactive")
+if not 0 <= port <= 65535:
+    raise UserError(f"--port={port}: must be from 0 to 65535 (0 = any free port)")
 try:
     prompt.encode("utf-8")
 except UnicodeEncodeError as e:  # Python hands on the bytes of argv that are not UTF-8 as lone surrogates
@@ -435,6 +444,11 @@ if prompt_file:
 if compile and not use_cache:
     raise UserError("--compile compiles the KV-cached one-token step; drop --use_cache=False or --compile")
 device = pick_device(device)
+compile = compile or (serve and device == "cuda")  # a server runs long enough to repay the compile's minute
+if serve:
+    from data.serve import listen, serve_http
+
+    sock = listen(host, port)  # before the model loads: a taken port is an error at once
 dtype, _ = pick_autocast(device, dtype)  # the weights themselves are cast: no autocast, no fp32 copies at inference
 
 ckpt_path = resolve_checkpoint(ckpt)
@@ -474,28 +488,36 @@ def in_chunks(tokens, size):
         yield torch.cat(chunk, dim=1)[0].tolist()
 
 
-def stream(ids):
-    """Generate after the token ids and print the text as it comes, up to a stop token; return that text."""
-    # a character's bytes may be split over several tokens: print it once it is complete
+def replies(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generator=generator):
+    """Generate after the token ids, up to a stop token or max_new_tokens, and yield the reply in chunks
+    (token ids, text, stop): stop is the stop token in the last chunk, else None. The text holds each
+    character once all its bytes have come (a character may be split over several tokens)."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     idx = torch.tensor([ids], device=device)
     tokens = model.generate(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator, cache)
-    n, reply, stop = 0, [], None
     for chunk in in_chunks(tokens, stream_chunk):
         end = next((i for i, t in enumerate(chunk) if t in stops), None)
-        if end is not None:  # what the model generated after the stop token is dropped
-            chunk, stop = chunk[:end], chunk[end]
-        n += len(chunk)
-        reply += chunk
+        stop = None if end is None else chunk[end]
+        chunk = chunk[:end]  # what the model generated after the stop token is dropped
         text = b"".join(enc.decode_single_token_bytes(t) for t in chunk if t < enc.n_vocab)  # padding ids: no text
-        print(decoder.decode(text), end="", flush=True)
+        yield chunk, decoder.decode(text, final=stop is not None), stop
         if stop is not None:
-            break
-    print(decoder.decode(b"", final=True), flush=True)
-    if n == 0:
-        print(f"[the model ended the {'reply' if chat else 'text'} at once ({enc.decode([stop])}); try another --seed "
+            return
+    yield [], decoder.decode(b"", final=True), None
+
+
+def stream(ids):
+    """Print the reply after the token ids as it comes; return its text."""
+    n, reply, ended = 0, [], None
+    for chunk, text, stop in replies(ids):
+        n, ended = n + len(chunk), stop
+        reply.append(text)
+        print(text, end="", flush=True)
+    print(flush=True)
+    if n == 0:  # a reply of no tokens ends at a stop token
+        print(f"[the model ended the {'reply' if chat else 'text'} at once ({enc.decode([ended])}); try another --seed "
               "or prompt]", file=sys.stderr)
-    return enc.decode([t for t in reply if t < enc.n_vocab])
+    return "".join(reply)
 
 
 def context(text, history):
@@ -557,7 +579,10 @@ def stdin_prompts():
         yield line
 
 
-if not interactive:
+if serve:
+    serve_http(sock, replies, lambda seed: torch.Generator(device).manual_seed(seed), ckpt_path.parent.name, chat,
+               block_size, dict(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p), max_queue)
+elif not interactive:
     respond(prompt)
 else:  # a chat checkpoint remembers the conversation; /reset starts afresh
     history = [] if chat else None

@@ -8,6 +8,7 @@
     run.py         the run dir (overwrite guard, lock, log), device and autocast, DDP, stop signals
     hellaswag.py   reading, rendering and scoring HellaSwag (eval_hellaswag.py and the training scripts)
     train.py       what both training scripts do alike around their loops (resume, rates, NaN guard, val loss)
+    serve.py       sample.py --serve: the OpenAI-compatible API and its queue; chat.html is its page
     fineweb_edu.py, sft_mix.py   data-prep scripts (no torch)
 """
 
