@@ -15,6 +15,7 @@ Settings: the block below, then --key=value (or --key value).
 import json
 import math
 import re
+import statistics
 import subprocess
 import sys
 import threading
@@ -27,7 +28,9 @@ import torch
 from stage_code import REPO_ROOT, model_namespace, script_settings  # bench/: puts the repo root on sys.path
 
 from data import UserError, one_line_errors
+from data.checkpoint import load_checkpoint
 from data.settings import check_settings, parse_settings
+from data.tokenizer import EOT, chat_prompt
 
 one_line_errors()
 
@@ -133,6 +136,27 @@ def level(url, n):
     return results, time.perf_counter() - start
 
 
+def bare_decode(path):
+    """Tokens/s of the model's own decode loop in this process, as sample.py runs it (KV cache, chunks of 8,
+    the same prompt and length): the server's ceiling, without HTTP, JSON or the queue."""
+    ns = model_namespace("sample.py")
+    net = ns["GPT"].from_checkpoint(load_checkpoint(path), str(path)).to(device).eval()
+    ids = torch.tensor([[EOT, *chat_prompt("Tell me a story about the number 1.")]], device=device)
+    seconds = []
+    for seed in range(1 + requests):  # the first one warms up
+        generator = torch.Generator(device).manual_seed(seed)
+        start = time.perf_counter()
+        chunk = []
+        with torch.no_grad():
+            for token in net.generate(ids, max_tokens, 0.8, 200, 1.0, True, generator):
+                chunk.append(token)
+                if len(chunk) == 8:
+                    torch.cat(chunk, dim=1).tolist()
+                    chunk = []
+        seconds.append(time.perf_counter() - start)
+    return max_tokens / statistics.median(seconds[1:])
+
+
 def pct(values, p):
     """The p-th percentile (nearest rank) of values."""
     return sorted(values)[max(0, math.ceil(p / 100 * len(values)) - 1)]
@@ -161,3 +185,4 @@ try:
 finally:
     proc.terminate()
     proc.wait(timeout=60)
+print(f"the model's own decode loop in this process (no server): {bare_decode(path):,.0f} tok/s")

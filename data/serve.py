@@ -52,27 +52,19 @@ class Job:
         self.ids, self.max_tokens, self.temperature, self.top_p, self.seed = ids, max_tokens, temperature, top_p, seed
         self.loop, self.out = loop, asyncio.Queue()
         self.cancelled = threading.Event()  # set by the request's side: the client left, or a stop string came
+        self.stopped = False  # a stop string ended it: complete, not cancelled
 
     def put(self, item):
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
 
 
 class Engine:
-    """The worker thread that runs replies(ids, max_tokens, temperature, top_p, generator), one job at a time."""
+    """The worker: runs replies(ids, max_tokens, temperature, top_p, generator), one job at a time."""
 
     def __init__(self, replies, new_generator, max_queue):
         self.replies, self.new_generator = replies, new_generator
         self.jobs = queue.Queue(maxsize=max_queue)
         self.stats = dict(completed=0, cancelled=0, failed=0, tokens=0, active=0)
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self.work, daemon=True, name="decode")
-
-    def start(self, timeout=600):
-        """Start the worker; it decodes two tokens first (on CUDA, --compile's graph is recorded on this thread,
-        where every request runs), then takes requests."""
-        self.thread.start()
-        if not self.ready.wait(timeout):
-            raise UserError(f"the model did not decode two tokens within {timeout} s; try --compile=false")
 
     def submit(self, job):
         try:
@@ -81,33 +73,35 @@ class Engine:
             raise ApiError(429, f"{self.jobs.maxsize} requests are waiting already; retry shortly, or start the "
                            "server with a larger --max_queue", code="queue_full", kind="rate_limit_error") from None
 
-    def work(self):
+    def warm_up(self):
+        """Decode two tokens: on CUDA with --compile this records the CUDA graph, on the thread that will run
+        every request (CUDA graphs belong to the thread that records them)."""
         for _ in self.replies([EOT], 2, 1.0, 1.0, self.new_generator(0)):
             pass
-        self.ready.set()
+
+    def work(self):
+        """Take the jobs, forever. Run it on the main thread: torch's CPU ops ran 1.6x slower on another
+        (2 cores, 6x384: 80 against 127 tokens/s; its OpenMP threads are set up for the main thread)."""
         while True:
             job = self.jobs.get()
             if job.cancelled.is_set():  # its client left while it waited
                 self.stats["cancelled"] += 1
                 continue
-            self.stats["active"] = 1
+            self.stats["active"], outcome, last = 1, "completed", None
             try:
                 generator = self.new_generator(job.seed)
                 for tokens, text, stop in self.replies(job.ids, job.max_tokens, job.temperature, job.top_p, generator):
                     self.stats["tokens"] += len(tokens)
                     if job.cancelled.is_set():
-                        self.stats["cancelled"] += 1
+                        outcome = "completed" if job.stopped else "cancelled"
                         break
                     job.put((tokens, text, stop))
-                else:
-                    self.stats["completed"] += 1
-                    job.put(None)
             except Exception as e:  # a bug, not a bad request: the client hears of it, the server goes on
-                self.stats["failed"] += 1
                 print(f"[a request failed: {type(e).__name__}: {e}]", file=sys.stderr, flush=True)
-                job.put(e)
-            finally:
-                self.stats["active"] = 0
+                outcome, last = "failed", e
+            self.stats["active"] = 0  # first: a client that has its reply sees the worker free
+            self.stats[outcome] += 1
+            job.put(last)
 
 
 # ----------------------------------------------------------------------------- requests
@@ -237,19 +231,21 @@ def make_app(engine, name, chat, block_size, defaults):
                         f"{limit} prompt tokens: shorten it or lower max_tokens", param=param,
                         code="context_length_exceeded")
 
-    async def pieces(job, request, stops):
+    async def pieces(job, request, stops, poll):
         """The reply as (text, tokens) pieces, then a final (None, finish_reason). Text that could begin a stop
-        string is held back until it cannot; a stop string or the client leaving cancels the job."""
-        engine.submit(job)
+        string is held back until it cannot; a stop string or the client leaving cancels the job. poll: ask
+        whether the client is still there (a stream learns it from the failed send instead)."""
         held, n = "", 0
         longest = max(map(len, stops), default=0)
         try:
             while True:
                 try:
                     item = await asyncio.wait_for(job.out.get(), timeout=1.0)
-                except asyncio.TimeoutError:  # a queued non-streaming request: is its client still there?
-                    if await request.is_disconnected():
-                        return
+                except asyncio.TimeoutError:  # still queued
+                    item = ()
+                if poll and await request.is_disconnected():
+                    return
+                if item == ():
                     continue
                 if isinstance(item, Exception):
                     raise ApiError(500, f"the server failed on this request ({type(item).__name__}); see its log",
@@ -263,6 +259,7 @@ def make_app(engine, name, chat, block_size, defaults):
                 held += text
                 cut = min((i for i in (held.find(s) for s in stops) if i >= 0), default=-1)
                 if cut >= 0:
+                    job.stopped = True
                     yield held[:cut], len(tokens)
                     yield None, "stop"
                     return
@@ -280,6 +277,7 @@ def make_app(engine, name, chat, block_size, defaults):
         opts = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
         job = Job(ids, params["max_tokens"], params["temperature"], params["top_p"], params["seed"],
                   asyncio.get_running_loop())
+        engine.submit(job)  # before any reply is sent: a full queue is a 429, not an event in a stream
         head = dict(id=f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{secrets.token_hex(12)}",
                     object="chat.completion" if kind == "chat" else "text_completion", created=int(time.time()),
                     model=name)
@@ -289,7 +287,7 @@ def make_app(engine, name, chat, block_size, defaults):
 
         if not stream:
             text, n, finish = [], 0, None
-            async for piece, tokens in pieces(job, request, params["stop"]):
+            async for piece, tokens in pieces(job, request, params["stop"], poll=True):
                 if piece is None:
                     finish = tokens
                 else:
@@ -313,7 +311,7 @@ def make_app(engine, name, chat, block_size, defaults):
             yield event({"role": "assistant", "content": ""}, **extra)
             n = 0
             try:
-                async for piece, tokens in pieces(job, request, params["stop"]):
+                async for piece, tokens in pieces(job, request, params["stop"], poll=False):
                     if piece is None:
                         yield event(finish=tokens)
                         if opts.get("include_usage"):
@@ -399,8 +397,16 @@ def serve_http(sock, replies, new_generator, name, chat, block_size, defaults, m
 
     engine = Engine(replies, new_generator, max_queue)
     app = make_app(engine, name, chat, block_size, defaults)
-    engine.start()
+    engine.warm_up()
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
+    http = threading.Thread(target=server.run, kwargs=dict(sockets=[sock]), daemon=True, name="http")
+    http.start()  # the HTTP side on a thread, the model on this one
     host, port = sock.getsockname()[:2]
     url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
     print(f"[serving {name} at {url} : the chat UI at /, the OpenAI API at {url}/v1]", file=sys.stderr, flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1)).run(sockets=[sock])
+    try:
+        engine.work()
+    except KeyboardInterrupt:
+        server.should_exit = True
+        http.join(timeout=5)
+        print("[the server stopped]", file=sys.stderr, flush=True)

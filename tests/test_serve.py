@@ -279,7 +279,7 @@ def test_a_full_queue_is_told_429_and_the_rest_are_served():
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs=dict(sockets=[sock]), daemon=True)
-    engine.start()
+    threading.Thread(target=engine.work, daemon=True).start()
     thread.start()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     try:
@@ -303,7 +303,7 @@ def test_a_full_queue_is_told_429_and_the_rest_are_served():
         second = threading.Thread(target=ask)
         second.start()
         wait(lambda: engine.jobs.qsize() == 1)  # the second waits
-        third = httpx.post(f"{url}/v1/chat/completions", json=chat_body(), timeout=60)
+        third = httpx.post(f"{url}/v1/chat/completions", json=chat_body(stream=True), timeout=60)
         assert third.status_code == 429 and third.json()["error"]["code"] == "queue_full"
         assert "--max_queue" in third.json()["error"]["message"]
         gate.set()
@@ -343,15 +343,18 @@ def test_the_chat_page_streams_a_reply_in_headless_chromium(servers, tmp_path):
         driver.find_element(By.ID, "seed").send_keys("7")
         driver.find_element(By.ID, "max_tokens").clear()
         driver.find_element(By.ID, "max_tokens").send_keys("20")
-        driver.find_element(By.ID, "input").send_keys("Hello there")
-        driver.find_element(By.ID, "send").click()
-        wait.until(lambda d: d.find_element(By.ID, "send").is_enabled() and d.find_elements(By.CSS_SELECTOR,
-                                                                                            ".assistant"))
-        reply = driver.find_elements(By.CSS_SELECTOR, ".assistant")[-1].get_property("textContent")
-        expected = client(servers["sft"]).chat.completions.create(
-            model="sft", messages=[{"role": "user", "content": "Hello there"}], max_tokens=20, seed=7,
-            temperature=0.8).choices[0].message.content
-        assert reply == expected and reply  # the page shows what the API gives
+        messages = []
+        for n, text in enumerate(["Hello there", "And then?"], start=1):  # the second turn sends the first along
+            driver.find_element(By.ID, "input").send_keys(text)
+            driver.find_element(By.ID, "send").click()
+            wait.until(lambda d, n=n: d.find_element(By.ID, "send").is_enabled() and len(
+                d.find_elements(By.CSS_SELECTOR, ".assistant")) == n)
+            reply = driver.find_elements(By.CSS_SELECTOR, ".assistant")[-1].get_property("textContent")
+            messages.append({"role": "user", "content": text})
+            expected = client(servers["sft"]).chat.completions.create(
+                model="sft", messages=messages, max_tokens=20, seed=7, temperature=0.8).choices[0].message.content
+            assert reply == expected and reply  # the page shows what the API gives for the whole conversation
+            messages.append({"role": "assistant", "content": reply})
         driver.find_element(By.ID, "reset").click()
         assert not driver.find_elements(By.CSS_SELECTOR, ".assistant")
         assert driver.get_screenshot_as_png()[:8] == b"\x89PNG\r\n\x1a\n"
