@@ -5,6 +5,7 @@ The servers are real `python sample.py --serve` processes on tiny random checkpo
 but the same noise sample.py prints for the same prompt and seed, which is what is tested. The queue's
 limit is tested in-process, on an Engine whose model waits for the test, so nothing races."""
 
+import contextlib
 import json
 import re
 import shutil
@@ -23,7 +24,7 @@ pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
 from data.serve import Engine, make_app  # noqa: E402
-from data.tokenizer import EOT, chat_prompt  # noqa: E402
+from data.tokenizer import chat_prompt  # noqa: E402
 
 DEFAULTS = dict(max_tokens=256, temperature=0.8, top_p=1.0)  # sample.py's
 
@@ -264,58 +265,92 @@ def test_serve_settings_are_checked_before_loading(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the queue, in-process
+@contextlib.contextmanager
+def fake_server(replies, max_queue=64):
+    """The app in this process around an Engine whose replies() the test writes: (its URL, the Engine)."""
+    engine = Engine(replies, lambda seed: None, max_queue=max_queue)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(make_app(engine, "fake", True, 64, DEFAULTS), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs=dict(sockets=[sock]), daemon=True)
+    threading.Thread(target=engine.work, daemon=True).start()
+    thread.start()
+    try:
+        wait_until(lambda: server.started)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", engine
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def wait_until(condition, timeout=60):
+    deadline = time.time() + timeout
+    while not condition() and time.time() < deadline:
+        time.sleep(0.02)
+    assert condition()
+
+
 def test_a_full_queue_is_told_429_and_the_rest_are_served():
     gate = threading.Event()
 
     def replies(ids, max_tokens, temperature, top_p, generator):  # a model that waits for the test
-        if ids != [EOT]:
-            assert gate.wait(60)
+        assert gate.wait(60)
         yield [1, 2], "ab", None
         yield [], "", None
 
-    engine = Engine(replies, lambda seed: None, max_queue=1)
-    app = make_app(engine, "fake", True, 64, DEFAULTS)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs=dict(sockets=[sock]), daemon=True)
-    threading.Thread(target=engine.work, daemon=True).start()
-    thread.start()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     try:
-        deadline = time.time() + 60
-        while not server.started and time.time() < deadline:
-            time.sleep(0.02)
-        results = []
+        with fake_server(replies, max_queue=1) as (url, engine):
+            results = []
 
-        def ask():
-            results.append(httpx.post(f"{url}/v1/chat/completions", json=chat_body(), timeout=60))
+            def ask():
+                results.append(httpx.post(f"{url}/v1/chat/completions", json=chat_body(), timeout=60))
 
-        def wait(condition):
-            deadline = time.time() + 60
-            while not condition() and time.time() < deadline:
-                time.sleep(0.02)
-            assert condition()
-
-        first = threading.Thread(target=ask)
-        first.start()
-        wait(lambda: engine.stats["active"] == 1)  # the worker holds the first request
-        second = threading.Thread(target=ask)
-        second.start()
-        wait(lambda: engine.jobs.qsize() == 1)  # the second waits
-        third = httpx.post(f"{url}/v1/chat/completions", json=chat_body(stream=True), timeout=60)
-        assert third.status_code == 429 and third.json()["error"]["code"] == "queue_full"
-        assert "--max_queue" in third.json()["error"]["message"]
-        gate.set()
-        first.join(60)
-        second.join(60)
-        assert [r.status_code for r in results] == [200, 200]
-        assert all(r.json()["choices"][0]["message"]["content"] == "ab" for r in results)
-        assert httpx.get(f"{url}/stats", timeout=30).json()["completed"] == 2
+            first = threading.Thread(target=ask)
+            first.start()
+            wait_until(lambda: engine.stats["active"] == 1)  # the worker holds the first request
+            second = threading.Thread(target=ask)
+            second.start()
+            wait_until(lambda: engine.jobs.qsize() == 1)  # the second waits
+            third = httpx.post(f"{url}/v1/chat/completions", json=chat_body(stream=True), timeout=60)
+            assert third.status_code == 429 and third.json()["error"]["code"] == "queue_full"
+            assert "--max_queue" in third.json()["error"]["message"]
+            gate.set()
+            first.join(60)
+            second.join(60)
+            assert [r.status_code for r in results] == [200, 200]
+            assert all(r.json()["choices"][0]["message"]["content"] == "ab" for r in results)
+            assert httpx.get(f"{url}/stats", timeout=30).json()["completed"] == 2
     finally:
         gate.set()
-        server.should_exit = True
-        thread.join(30)
+
+
+def test_a_request_the_model_fails_on_is_a_500_and_the_next_is_served():
+    calls = []
+
+    def replies(ids, max_tokens, temperature, top_p, generator):  # fails on its first two requests
+        calls.append(1)
+        yield [1], "a", None
+        if len(calls) <= 2:
+            raise RuntimeError("out of memory")
+        yield [], "", None
+
+    with fake_server(replies) as (url, engine):
+        r = httpx.post(f"{url}/v1/chat/completions", json=chat_body(), timeout=60)
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        events = httpx.post(f"{url}/v1/chat/completions", json=chat_body(stream=True), timeout=60).text
+        assert '"server_error"' in events and "[DONE]" not in events
+        r = httpx.post(f"{url}/v1/chat/completions", json=chat_body(), timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "a"
+        assert engine.stats["failed"] == 2 and engine.stats["completed"] == 1
+
+
+def test_serving_without_the_extra_names_the_install(monkeypatch):
+    from data import UserError
+    from data.serve import listen
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn raises ImportError
+    with pytest.raises(UserError, match=r'pip install "\.\[serve\]"'):
+        listen("127.0.0.1", 0)
 
 
 # ----------------------------------------------------------------------------- a real browser
