@@ -110,10 +110,9 @@ def field(body, key, kind, default, check=None, hint=""):
     value = body.get(key)
     if value is None:
         return default
-    ok = isinstance(value, kind) and not isinstance(value, bool) or (kind is bool and isinstance(value, bool))
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value, ok = float(value), True
-    if not ok or (check and not check(value)):
+    if kind is float and type(value) is int:
+        value = float(value)
+    if type(value) is not kind or (check and not check(value)):  # type(): true is no int
         raise ApiError(400, f"'{key}' must be {hint or kind.__name__}, got {json.dumps(value)[:80]}", param=key)
     return value
 
@@ -121,11 +120,9 @@ def field(body, key, kind, default, check=None, hint=""):
 def sampling(body, defaults, block_size):
     """The request's max_tokens, temperature, top_p, seed and stop strings, checked; sample.py's settings
     where a field is absent, and a fresh random seed where no seed is given."""
-    max_tokens = field(body, "max_tokens", int, None, lambda v: 1 <= v <= block_size,
+    key = "max_tokens" if body.get("max_tokens") is not None else "max_completion_tokens"  # OpenAI's newer name
+    max_tokens = field(body, key, int, min(defaults["max_tokens"], block_size), lambda v: 1 <= v <= block_size,
                        f"a whole number from 1 to the context length, {block_size}")
-    if max_tokens is None:
-        max_tokens = field(body, "max_completion_tokens", int, min(defaults["max_tokens"], block_size),
-                           lambda v: 1 <= v <= block_size, f"a whole number from 1 to the context length, {block_size}")
     temperature = field(body, "temperature", float, defaults["temperature"], lambda v: 0 <= v <= 2,
                         "a number from 0 to 2")  # NaN and Infinity fail the range too
     top_p = field(body, "top_p", float, defaults["top_p"], lambda v: 0 < v <= 1, "a number in (0, 1]")
@@ -217,7 +214,7 @@ def make_app(engine, name, chat, block_size, defaults):
                 raise ApiError(413, f"the request body is over {MAX_BODY:,} bytes", code="request_too_large")
         try:
             body = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, an int of 5,000 digits, [[[[...
             raise ApiError(400, f"the body is not valid JSON ({e}); send a JSON object") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object")

@@ -206,6 +206,9 @@ def chat_body(**fields):
 BAD = [  # (what is sent, the status, a part of the message)
     ("{not json", 400, "not valid JSON"),
     ("[1, 2]", 400, "must be a JSON object"),
+    ("[" * 100_000, 400, "not valid JSON"),
+    ('{"max_tokens": 1' + "0" * 5000 + "}", 400, "not valid JSON"),
+    (b"\xff\xfe{}", 400, "not valid JSON"),
     ({"max_tokens": 4}, 400, "'messages' must be a non-empty list"),
     ({"messages": []}, 400, "'messages' must be a non-empty list"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "unknown role 'wizard'"),
@@ -216,6 +219,8 @@ BAD = [  # (what is sent, the status, a part of the message)
     (chat_body(max_tokens=0), 400, "'max_tokens' must be a whole number from 1"),
     (chat_body(max_tokens=10**9), 400, "'max_tokens' must be a whole number from 1"),
     (chat_body(max_tokens="ten"), 400, "'max_tokens' must be"),
+    (chat_body(max_tokens=True), 400, "'max_tokens' must be"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}, 400, "'max_completion_tokens'"),
     ('{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, "'temperature' must be a number"),
     ('{"messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}', 400, "'temperature'"),
     (chat_body(temperature=-1), 400, "'temperature'"),
@@ -231,7 +236,7 @@ BAD = [  # (what is sent, the status, a part of the message)
 @pytest.mark.parametrize("body,status,message", BAD, ids=[f"{i}-{s}" for i, (_, s, _) in enumerate(BAD)])
 def test_each_bad_request_is_a_4xx_in_openais_shape(servers, body, status, message):
     url = servers["sft"]
-    content = body if isinstance(body, str) else json.dumps(body)
+    content = body if isinstance(body, (str, bytes)) else json.dumps(body)
     r = httpx.post(f"{url}/v1/chat/completions", content=content, timeout=60,
                    headers={"Content-Type": "application/json"})
     assert r.status_code == status, r.text
