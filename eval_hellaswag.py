@@ -255,15 +255,17 @@ class GPT(nn.Module):
         orthogonalised update is the same size at every width, or AdamW when optimizer="adamw". AdamW
         (adam_beta1, adam_beta2, adam_eps) takes the rest: an untied token embedding at embedding_lr, the
         head at head_lr (gpt2's tied matrix is the head too), both with adam_weight_decay, and the gains,
-        biases and gpt2's positions at scalar_lr. muP's rule for Adam carries head_lr from n_embd =
-        lr_ref_width to other widths: the logits move by about rate x width per step, so the head's rate
-        falls as 1 / width; an embedding's input rate stays the same at every width."""
+        biases and gpt2's positions at scalar_lr. head_lr is set at n_embd = lr_ref_width and carried to
+        other widths x (lr_ref_width / n_embd) ** head_lr_exponent: muP's rule for Adam is exponent 1 (the
+        logits move by about rate x width per step), the best rate measured at widths 64-768 fell as
+        width^-0.5 (bench/RECIPE.md). An embedding's input rate stays the same at every width."""
         fused = next(self.parameters()).device.type == "cuda"
         params = dict(self.named_parameters())  # a tied head appears once, as transformer.wte.weight
         matrices = [p for n, p in params.items() if n.startswith("transformer.h.") and p.dim() == 2]
         rest = [p for n, p in params.items() if n not in ("transformer.wte.weight", "lm_head.weight")
                 and not (n.startswith("transformer.h.") and p.dim() == 2)]
-        head_lr = s["head_lr"] * (s["lr_ref_width"] / self.config.n_embd if s["lr_ref_width"] else 1.0)
+        ref = s["lr_ref_width"]
+        head_lr = s["head_lr"] * ((ref / self.config.n_embd) ** s["head_lr_exponent"] if ref else 1.0)
         tied = "lm_head.weight" not in params
         groups = [dict(name="embedding+head" if tied else "embedding", params=[params["transformer.wte.weight"]],
                        lr=head_lr if tied else s["embedding_lr"], weight_decay=s["adam_weight_decay"]),

@@ -73,14 +73,16 @@ loader_mode = "shuffle"  # every train window once per epoch in a seeded order; 
 batch_size = 32  # micro-batch, in sequences; 32 x 1024 fits a 40 GB GPU at 124M, 64 fits 80 GB
 total_batch_size = 524288  # tokens per optimizer step: 2**19 ~ 0.5M, GPT-3 small's batch
 val_tokens = 10485760  # fixed val set: 20 * 2**19 tokens, the same ones at every eval
-# optimizer: a peak rate per group, which the schedule below scales alike. Measured at widths 64-256 (bench/RECIPE.md):
-# head_lr's muP rule is the highest rate that never spikes; Muon at 0.02 ends 0.06-0.07 below 0.04 (widths 128-256)
+# optimizer: a peak rate per group, which the schedule below scales alike. Measured at widths 64-768 (bench/RECIPE.md):
+# the best head rate falls as width^-0.5 and needs the long warmup (x4 the muP rule at 768, stable only with it);
+# Muon at 0.02 is within x2 of the best at every width
 optimizer = "muon"  # "muon": Muon for the block matrices, AdamW for the rest; "adamw": AdamW for all (nanoGPT)
 matrix_lr = 0.02  # the block matrices: Muon's rate (torch.optim.Muon scales it by sqrt(max(1, rows/cols))), or AdamW's
 embedding_lr = 0.3  # AdamW: an untied token embedding (llama), at every width
-head_lr = 0.008  # AdamW: the head, and gpt2's tied embedding+head; x lr_ref_width / n_embd at other widths (muP)
+head_lr = 0.032  # AdamW: the head, and gpt2's tied embedding+head, at width lr_ref_width (the rule below)
 scalar_lr = 0.03  # AdamW: the rest: gpt2's position embedding, norm gains, biases
 lr_ref_width = 768  # the width head_lr is set for; 0 = the same head_lr at every width
+head_lr_exponent = 0.5  # head_lr x (lr_ref_width / n_embd) ** this at other widths; muP's is 1 (stable, but slower)
 muon_momentum = 0.95  # Muon's Nesterov momentum
 muon_momentum_warmup = 0  # steps over which the momentum rises from 0.85 to muon_momentum (modded-nanogpt); 0 = off
 muon_weight_decay = 0.0
@@ -89,7 +91,7 @@ adam_beta2 = 0.95
 adam_eps = 1e-10
 adam_weight_decay = 0.0  # on the embedding and head (optimizer="adamw": on every matrix); never on gains or biases
 max_iters = 19073  # optimizer steps: 10B tokens / 2**19 = one pass over FineWeb-Edu sample-10BT
-warmup_iters = 700  # linear warmup steps (none: +0.07 nats at small scale; the tied embedding's rate needs it)
+warmup_iters = 5600  # linear warmup steps, 29% of the run: the head's rate spikes without it (700: +0.7 nats at 768)
 lr_schedule = "cosine"  # "cosine" to min_lr_frac, or "wsd" (warmup-stable-decay, a trapezoid)
 lr_decay_iters = 0  # step where the schedule ends; 0 = max_iters (set it to resume into a longer run exactly)
 min_lr_frac = 0.1  # final learning rate as a fraction of the peak
@@ -325,15 +327,17 @@ class GPT(nn.Module):
         orthogonalised update is the same size at every width, or AdamW when optimizer="adamw". AdamW
         (adam_beta1, adam_beta2, adam_eps) takes the rest: an untied token embedding at embedding_lr, the
         head at head_lr (gpt2's tied matrix is the head too), both with adam_weight_decay, and the gains,
-        biases and gpt2's positions at scalar_lr. muP's rule for Adam carries head_lr from n_embd =
-        lr_ref_width to other widths: the logits move by about rate x width per step, so the head's rate
-        falls as 1 / width; an embedding's input rate stays the same at every width."""
+        biases and gpt2's positions at scalar_lr. head_lr is set at n_embd = lr_ref_width and carried to
+        other widths x (lr_ref_width / n_embd) ** head_lr_exponent: muP's rule for Adam is exponent 1 (the
+        logits move by about rate x width per step), the best rate measured at widths 64-768 fell as
+        width^-0.5 (bench/RECIPE.md). An embedding's input rate stays the same at every width."""
         fused = next(self.parameters()).device.type == "cuda"
         params = dict(self.named_parameters())  # a tied head appears once, as transformer.wte.weight
         matrices = [p for n, p in params.items() if n.startswith("transformer.h.") and p.dim() == 2]
         rest = [p for n, p in params.items() if n not in ("transformer.wte.weight", "lm_head.weight")
                 and not (n.startswith("transformer.h.") and p.dim() == 2)]
-        head_lr = s["head_lr"] * (s["lr_ref_width"] / self.config.n_embd if s["lr_ref_width"] else 1.0)
+        ref = s["lr_ref_width"]
+        head_lr = s["head_lr"] * ((ref / self.config.n_embd) ** s["head_lr_exponent"] if ref else 1.0)
         tied = "lm_head.weight" not in params
         groups = [dict(name="embedding+head" if tied else "embedding", params=[params["transformer.wte.weight"]],
                        lr=head_lr if tied else s["embedding_lr"], weight_decay=s["adam_weight_decay"]),
@@ -525,8 +529,8 @@ check_settings(config, positive=("n_layer", "n_head", "n_embd", "block_size", "b
                                  "max_iters", "log_interval", "eval_interval", "checkpoint_interval", "val_tokens",
                                  "adam_eps"),
                non_negative=("matrix_lr", "muon_weight_decay", "warmup_iters", "embedding_lr", "head_lr", "scalar_lr",
-                             "lr_ref_width", "adam_weight_decay", "muon_momentum_warmup", "lr_decay_iters", "grad_clip",
-                             "hellaswag_interval", "hellaswag_limit", "sample_interval",
+                             "lr_ref_width", "head_lr_exponent", "adam_weight_decay", "muon_momentum_warmup",
+                             "lr_decay_iters", "grad_clip", "hellaswag_interval", "hellaswag_limit", "sample_interval",
                              "sample_tokens", "keep_last"),
                choices=dict(arch=ARCHS, optimizer=("muon", "adamw"), lr_schedule=("cosine", "wsd"),
                             loader_mode=BatchLoader.MODES),

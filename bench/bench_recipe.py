@@ -308,8 +308,8 @@ if SWEEP and MULTIPLIERS:
             rows = report["widths"][w]["rows"]
             losses = {1.0: rows["default"]["finals"][0], **{m: rows[f"{key} x{m:g}"]["mean"] for m in MULTIPLIERS}}
             multiple, edge = best_multiple(losses)
-            rate = DEFAULTS[key] * multiple * (DEFAULTS["lr_ref_width"] / w if key == "head_lr" and
-                                               DEFAULTS["lr_ref_width"] else 1.0)
+            ref, k = DEFAULTS["lr_ref_width"], DEFAULTS["head_lr_exponent"]
+            rate = DEFAULTS[key] * multiple * ((ref / w) ** k if key == "head_lr" and ref else 1.0)
             points.append((w, rate))
             cells.append(f"x{multiple:.2f} ({rate:.3g}){' edge' if edge else ''}")
             report["sweeps"].setdefault(key, {})[w] = dict(losses=losses, best_multiple=multiple, edge=edge,

@@ -120,8 +120,8 @@ def load_checkpoint(path, device="cpu"):
 
 # The settings that make a training recipe: finetune_sft.py takes them from its base checkpoint, scaling RATES.
 RATES = ("matrix_lr", "embedding_lr", "head_lr", "scalar_lr")
-OPTIMIZER_SETTINGS = (*RATES, "optimizer", "lr_ref_width", "muon_momentum", "muon_momentum_warmup", "muon_weight_decay",
-                      "adam_beta1", "adam_beta2", "adam_eps", "adam_weight_decay")
+OPTIMIZER_SETTINGS = (*RATES, "optimizer", "lr_ref_width", "head_lr_exponent", "muon_momentum", "muon_momentum_warmup",
+                      "muon_weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "adam_weight_decay")
 
 
 def last_good_checkpoint(out_dir):
@@ -141,9 +141,12 @@ def upgrade_settings(saved, model_config):
        head too) at embedding_lr and an untied head at head_lr, both x sqrt(lr_ref_width / n_embd);
        optimizer="adamw" took learning_rate, beta1, beta2 and weight_decay for every parameter.
 
-    Today the tied matrix is a head and takes head_lr, the width rule is muP's (head x lr_ref_width / n_embd,
-    the embedding unscaled), Muon's rate is matrix_lr, both optimizers share the adam_* settings, and
-    finetune_sft.py counts its step in examples (total_batch_size) where it counted micro-batches.
+    3. Then the tied matrix became a head at head_lr, with muP's width rule (head x lr_ref_width / n_embd,
+       the embedding unscaled).
+
+    Today the head's width rule has an exponent, head_lr_exponent (1 restates rule 3), Muon's rate is
+    matrix_lr, both optimizers share the adam_* settings, and finetune_sft.py counts its step in examples
+    (total_batch_size) where it counted micro-batches.
     model_config (the checkpoint's) gives the width and whether the head is tied."""
     saved = dict(saved)
     if "learning_rate" in saved and "embedding_lr" not in saved:  # 1 -> 2
@@ -165,6 +168,8 @@ def upgrade_settings(saved, model_config):
             head = saved["embedding_lr"] if model_config.get("arch", "gpt2") == "gpt2" else saved["head_lr"]
             saved.update(matrix_lr=old["muon_lr"], embedding_lr=saved["embedding_lr"] * was,
                          head_lr=head * was * (width / ref if ref else 1.0))
+    if "lr_ref_width" in saved and "head_lr_exponent" not in saved:  # 1, 2 and 3 -> today
+        saved["head_lr_exponent"] = 1.0
     if "gradient_accumulation_steps" in saved:  # finetune_sft.py counted its step in micro-batches of batch_size
         saved["total_batch_size"] = saved.pop("gradient_accumulation_steps") * saved["batch_size"]
     return saved

@@ -23,7 +23,7 @@ def smoke_run(tmp_path_factory):
     HellaSwag and a sample at steps 3 and 6), shared by every test that needs a trained checkpoint."""
     out = tmp_path_factory.mktemp("smoke") / "run"
     run_script("train_gpt.py", "configs/smoke.toml", f"--out_dir={out}", "--device=cpu", "--max_iters=6",
-               "--warmup_iters=2", "--log_interval=1", "--eval_interval=3",
+               "--log_interval=1", "--eval_interval=3",
                "--sample_interval=3",
                "--hellaswag_interval=3", "--hellaswag_limit=8")
     return out

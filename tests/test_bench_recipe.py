@@ -13,7 +13,7 @@ from helpers import REPO_ROOT, SAMPLE_SHARDS
 TINY = ["--widths=32,64", "--layers=1", "--head_dim=16", "--block_size=16", "--batch_size=4", "--steps=6",
         "--seeds=1,2", "--one_seed_from=64", "--eval_interval=2", "--val_tokens=256", "--sweep=head_lr",
         "--multipliers=2",
-        "--adamw_lrs=1e-3,1e-2", "--recipes=seq=--loader_mode=sequential;same=--head_lr=0.008",
+        "--adamw_lrs=1e-3,1e-2", "--recipes=seq=--loader_mode=sequential;same=--head_lr=0.032",
         f"--data_dir={SAMPLE_SHARDS}"]
 
 
@@ -43,10 +43,10 @@ def test_the_ladder_at_toy_size(tmp_path):
     assert set(sweep) == {"32", "64", "exponent"} and isinstance(sweep["exponent"], float)
     assert all(sweep[w]["best_multiple"] in (1.0, 2.0) and sweep[w]["edge"] for w in ("32", "64"))  # two points
     assert any(row[0] == "| head_lr" and row[-1].endswith(" |") for row in rows)  # the exponent row
-    # one run's command line: the bench's settings, the step counts scaled (700 x 6 / 19,073 = 0 warmup steps)
+    # one run's command line: the bench's settings, the step counts scaled (5,600 x 6 / 19,073 = 2 warmup steps)
     run_dir = tmp_path / "out" / "gpt2" / "w32" / "head_lr_x2" / "s1"
     args = json.loads((run_dir / "bench.json").read_text())["args"]
-    assert "--head_lr=0.016" in args and "--warmup_iters=0" in args and "--dtype=bfloat16" in args
+    assert "--head_lr=0.064" in args and "--warmup_iters=2" in args and "--dtype=bfloat16" in args
     assert f"--data_dir={SAMPLE_SHARDS}" in args and "--log_interval=1" in args
     assert (tmp_path / "out" / "gpt2_w32.png").stat().st_size > 10_000
     assert not list((tmp_path / "out").rglob("ckpt*.pt"))  # the bench keeps metrics, not 0.5 GB checkpoints

@@ -369,8 +369,8 @@ def raschka_mix(tmp_path_factory):
 
 def test_fine_tune_takes_the_base_runs_recipe_with_its_rates_times_lr_scale(raschka_mix, tmp_path):
     recipe = dict(optimizer="muon", matrix_lr=0.03, embedding_lr=0.2, head_lr=0.006, scalar_lr=0.02, lr_ref_width=256,
-                  adam_beta1=0.7, adam_eps=1e-9, muon_momentum=0.9)
-    make_checkpoint(tmp_path / "base" / "ckpt.pt", settings=recipe)  # 64 wide: the width rule x4 on the head
+                  head_lr_exponent=1.0, adam_beta1=0.7, adam_eps=1e-9, muon_momentum=0.9)
+    make_checkpoint(tmp_path / "base" / "ckpt.pt", settings=recipe)  # 64 wide: (256 / 64)**1 = x4 on the head
     out = tmp_path / "sft"
     ns = run_script("finetune_sft.py", "configs/sft_smoke.toml", f"--init_from={tmp_path / 'base'}",
                     f"--data_dir={raschka_mix}", f"--out_dir={out}", "--device=cpu", "--max_iters=1",

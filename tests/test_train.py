@@ -138,7 +138,7 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest_in_groups_at_their_own
     model = tiny_model(arch)  # n_embd 32
     named = dict(model.named_parameters())
     settings = {**SETTINGS, "optimizer": "muon", "matrix_lr": 0.03, "embedding_lr": 0.2, "head_lr": 0.005,
-                "scalar_lr": 0.04, "lr_ref_width": 128, "adam_weight_decay": 0.01}
+                "scalar_lr": 0.04, "lr_ref_width": 128, "head_lr_exponent": 0.5, "adam_weight_decay": 0.01}
     adamw, muon = model.configure_optimizers(settings)
     assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
     block_matrices = {n for n, p in named.items() if n.startswith("transformer.h.") and p.dim() == 2}
@@ -146,7 +146,7 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest_in_groups_at_their_own
     assert all(n.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) for n in block_matrices)
     assert muon.param_groups[0]["lr"] == 0.03
     names = lambda group: {n for n, p in named.items() if any(p is q for q in group["params"])}  # noqa: E731
-    width = 128 / 32  # muP's rule: head_lr is set at lr_ref_width, this model is 32 wide; the embedding's is not scaled
+    width = (128 / 32) ** 0.5  # head_lr is set at lr_ref_width; this model is 32 wide; the embedding's is not scaled
     token, rest, *head = adamw.param_groups
     assert names(token) == {"transformer.wte.weight"}  # gpt2's is the tied head too
     assert names(rest) == {n for n, p in named.items() if p.dim() == 1} | ({"transformer.wpe.weight"} if arch == "gpt2"
@@ -161,6 +161,8 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest_in_groups_at_their_own
     assert adamw.defaults["eps"] == SETTINGS["adam_eps"]
     unscaled, _ = model.configure_optimizers({**settings, "lr_ref_width": 0})
     assert [g["lr"] for g in unscaled.param_groups] == ([0.005, 0.04] if arch == "gpt2" else [0.2, 0.04, 0.005])
+    mup, _ = model.configure_optimizers({**settings, "head_lr_exponent": 1.0})  # muP's rule: 1 / width
+    assert mup.param_groups[0 if arch == "gpt2" else 2]["lr"] == pytest.approx(0.005 * 128 / 32)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -289,13 +291,26 @@ def test_a_checkpoint_from_before_mups_rule_resumes_at_the_rates_it_was_trained_
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_settings_from_before_the_head_exponent_keep_mups_rule(arch):
+    """A checkpoint of the muP-rule code (head x lr_ref_width / n_embd, no head_lr_exponent) resumes at its rates."""
+    model = tiny_model(arch)  # 32 wide
+    saved = {k: v for k, v in SETTINGS.items() if k != "head_lr_exponent"}
+    restated = upgrade_settings(saved, {"n_embd": 32, "arch": arch})
+    assert restated["head_lr_exponent"] == 1.0
+    adamw, _ = model.configure_optimizers(restated)
+    head = adamw.param_groups[0 if arch == "gpt2" else 2]
+    assert head["lr"] == pytest.approx(SETTINGS["head_lr"] * SETTINGS["lr_ref_width"] / 32)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("optimizer", ["muon", "adamw"])
 @pytest.mark.parametrize("ref", [768, 0])
 def test_old_settings_are_restated_at_the_rates_their_runs_used(arch, optimizer, ref):
     """The settings of the per-group code before muP's rule (embedding and head x sqrt(ref / width), the
     tied matrix at embedding_lr; adamw mode at learning_rate for all) give today's optimizers the same rates."""
     model = tiny_model(arch)  # 32 wide
-    old = {**{k: v for k, v in SETTINGS.items() if k != "matrix_lr"}, "arch": arch, "optimizer": optimizer,
+    old = {**{k: v for k, v in SETTINGS.items() if k not in ("matrix_lr", "head_lr_exponent")}, "arch": arch,
+           "optimizer": optimizer,
            "muon_lr": 0.05, "embedding_lr": 0.2, "head_lr": 0.006, "scalar_lr": 0.02, "lr_ref_width": ref,
            "learning_rate": 1e-3, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.99, "grad_clip_late": 0.5,
            "grad_clip_late_step": 0}
@@ -542,13 +557,13 @@ def test_a_resume_applies_every_changed_setting_says_so_and_records_it(tmp_path,
     train(out, "--max_iters=2")
     capsys.readouterr()
     changes = ["--adam_beta1=0.9", "--adam_beta2=0.99", "--adam_eps=1e-8", "--adam_weight_decay=0.05",
-               "--muon_momentum=0.9", "--head_lr=0.004", "--muon_weight_decay=0.01"]
+               "--muon_momentum=0.9", "--head_lr=0.004", "--head_lr_exponent=1", "--muon_weight_decay=0.01"]
     ns = run_script("train_gpt.py", f"--out_dir={out}", "--init_from=resume", "--max_iters=3", *changes)
     printed = capsys.readouterr().out
     line = next(x for x in printed.splitlines() if x.startswith("resume: these settings differ"))
     for change in ("adam_beta1 0.8 -> 0.9", "adam_beta2 0.95 -> 0.99", "adam_eps 1e-10 -> 1e-08",
-                   "adam_weight_decay 0.0 -> 0.05", "muon_momentum 0.95 -> 0.9", "head_lr 0.008 -> 0.004",
-                   "max_iters 2 -> 3"):
+                   "adam_weight_decay 0.0 -> 0.05", "muon_momentum 0.95 -> 0.9", "head_lr 0.032 -> 0.004",
+                   "head_lr_exponent 0.5 -> 1.0", "max_iters 2 -> 3"):
         assert change in line
     adamw, muon = ns["optimizers"]
     assert {(g["betas"], g["eps"]) for g in adamw.param_groups} == {((0.9, 0.99), 1e-8)}
