@@ -17,7 +17,7 @@ its default ("head_lr x0.25", ...); AdamW as nanoGPT runs it (configs/recipe_nan
 train_gpt.py arguments on top of the defaults. The default, the best AdamW and the recipes run every seed
 below --one_seed_from; the rest run the first seed. A run is a short version of the recipe's full run:
 every setting counted in steps (warmup_iters, muon_momentum_warmup, lr_decay_iters) is scaled by
-steps / max_iters, so the defaults' 700 warmup steps of 19,073 become 9 of 250.
+steps / max_iters, so the defaults' 5,600 warmup steps of 19,073 become 73 of 250.
 
 Runs are kept in out_dir/ARCH/wWIDTH/LABEL/sSEED/ (their metrics and logs, not their checkpoints) and reused
 while their resolved settings are the same, under any label: an interrupted ladder continues where it stopped,
